@@ -1,0 +1,16 @@
+"""Shared pytest setup.
+
+8 fake CPU devices must be requested before JAX initialises its backend, so this
+runs at import time of the test session. absl flags are marked parsed so that grain
+worker processes (which read absl flags) do not abort under pytest.
+"""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from absl import flags  # noqa: E402
+
+flags.FLAGS.mark_as_parsed()
