@@ -1,0 +1,114 @@
+"""Base config: every key the framework reads, with defaults for a ViViT-B-sized model.
+
+Run: python -m hvlm_jax.train --config=configs/base.py:attention=mamba --workdir=runs/x
+Arguments after `:` (comma separated): see ARGS below. Any key can also be overridden with
+`--config.a.b=value`; unknown keys and wrong types fail naming the key.
+"""
+import ml_collections
+
+from hvlm_jax.config import parse_arg
+
+ARGS = dict(attention="full", frames=32, frame_size=224, merging=False, runlocal=False)
+
+
+def get_config(arg=None):
+  args = parse_arg(arg, **ARGS)
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.init_from = ""  # Path to a checkpoint step dir to initialise parameters from.
+
+  # ----- data ---------------------------------------------------------------------------
+  config.data = data = ml_collections.ConfigDict()
+  data.name = "folder"  # "folder": DATA layout of DESIGN.md; "synthetic": generated on first use.
+  data.dir = "data/videos"
+  data.input = "video"  # "video" (mp4 decode), "cache" (ArrayRecord clips), "features" (.npy).
+  data.cache_dir = ""  # Where tools/build_dataset.py wrote the ArrayRecord cache.
+  data.features_dim = 0  # Width of precomputed features in features mode.
+  data.batch_size = 8  # Global batch size, split over processes.
+  data.eval_batch_size = 8
+  data.num_workers = 0  # grain worker processes per host (0: decode in the main process).
+  data.prefetch = 2
+  data.shuffle_buffer_seed = 0
+  data.strict = False  # True: videos without annotations (and vice versa) are errors.
+  data.max_corrupt_videos = 10  # Skipped corrupt videos in training before it becomes an error.
+  data.max_segments = 8  # Action segments per video after padding.
+  data.max_questions = 4  # QA pairs per video after padding.
+  data.question_length = 16  # Tokens per question after padding.
+  data.caption_length = 24  # Tokens per caption, with bos/eos, after padding.
+  data.answer_vocab_size = 1000  # Top-K answers kept as classes.
+  data.min_word_count = 1
+  data.domains = ("sports", "tutorials", "news", "general")
+  data.video = ml_collections.ConfigDict()
+  data.video.num_frames = args.frames
+  data.video.frame_size = args.frame_size
+  data.video.decode_threads = 1  # FFmpeg threads per decode; 1 suits several grain workers.
+  data.augment = ml_collections.ConfigDict()
+  data.augment.enabled = True
+  data.augment.flip = True
+  data.augment.min_crop_scale = 0.6
+  data.augment.color_jitter = 0.1
+  data.augment.temporal_jitter = True
+  data.synthetic = ml_collections.ConfigDict()
+  data.synthetic.num_videos = ml_collections.ConfigDict(
+      dict(training=400, validation=50, test=100))
+  data.synthetic.frame_size = 64
+  data.synthetic.num_frames = 48
+  data.synthetic.fps = 12
+  data.synthetic.seed = 0
+
+  # ----- model --------------------------------------------------------------------------
+  config.model = model = ml_collections.ConfigDict()
+  model.hidden_size = 768
+  model.num_layers = 12
+  model.num_attention_heads = 12
+  model.mlp_dim = 3072
+  model.tubelet_size = (2, 16, 16)
+  model.dropout_rate = 0.0
+  model.attention_dropout_rate = 0.0
+  model.dtype = "float32"  # Compute dtype; training.mixed_precision switches it to bfloat16.
+  model.param_dtype = "float32"
+
+  model.attention = attention = ml_collections.ConfigDict()
+  attention.type = args.attention
+  attention.causal = False
+  attention.full = ml_collections.ConfigDict(dict(implementation="xla"))
+
+  model.token_merging = tm = ml_collections.ConfigDict()
+  tm.enabled = args.merging
+  tm.target_compression_ratio = 0.5
+
+  model.domain_modules = dm = ml_collections.ConfigDict()
+  dm.num_domains = 4
+  dm.lora = ml_collections.ConfigDict(dict(enabled=False, rank=8, alpha=16.0, dropout=0.0,
+                                           targets=("query", "value")))
+
+  model.heads = heads = ml_collections.ConfigDict()
+  heads.tasks = ("classification",)
+  heads.num_classes = 10  # Action classes (classification and detection).
+
+  # ----- training -----------------------------------------------------------------------
+  config.training = tr = ml_collections.ConfigDict()
+  tr.num_steps = 0  # If 0, num_epochs decides.
+  tr.num_epochs = 30
+  tr.learning_rate = 3e-4
+  tr.warmup_steps = 500
+  tr.weight_decay = 0.05
+  tr.gradient_clip = 1.0
+  tr.mixed_precision = False
+  tr.gradient_checkpointing = False
+  tr.remat_policy = "nothing_saveable"
+  tr.log_every_steps = 50
+  tr.eval_every_steps = 1000
+  tr.checkpoint_every_steps = 1000
+  tr.keep_checkpoints = 3
+  tr.loss_weights = ml_collections.ConfigDict(
+      dict(classification=1.0, action_detection=0.33, video_qa=0.33, captioning=0.34))
+
+  # ----- mesh ---------------------------------------------------------------------------
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+  if args.runlocal:
+    model.hidden_size, model.num_layers, model.num_attention_heads, model.mlp_dim = 64, 2, 4, 128
+    data.video.num_frames, data.video.frame_size, data.batch_size = 8, 32, 4
+    tr.num_steps, tr.num_epochs, tr.warmup_steps = 10, 0, 2
+  return config

@@ -1,0 +1,42 @@
+"""Demo: a small model trained on the built-in synthetic dataset on 2 CPU cores.
+
+    python -m hvlm_jax.train --config=configs/demo.py --workdir=runs/demo
+
+The dataset is generated under data.dir on first use. `:attention=performer` (or any
+registered type) swaps the attention; `:merging=true` turns on adaptive token merging.
+"""
+from configs import base
+from hvlm_jax.config import parse_arg
+
+ARGS = dict(attention="full", merging=False, runlocal=False)
+
+
+def get_config(arg=None):
+  args = parse_arg(arg, **ARGS)
+  config = base.get_config(f"attention={args.attention},merging={args.merging},"
+                           f"frames=16,frame_size=64,runlocal={args.runlocal}")
+  data = config.data
+  data.name = "synthetic"
+  data.dir = "data/synthetic"
+  data.batch_size = 16
+  data.eval_batch_size = 16
+
+  model = config.model
+  model.hidden_size = 128
+  model.num_layers = 4
+  model.num_attention_heads = 4
+  model.mlp_dim = 256
+  model.tubelet_size = (2, 8, 8)
+
+  tr = config.training
+  tr.num_steps = 600
+  tr.num_epochs = 0
+  tr.learning_rate = 1e-3
+  tr.warmup_steps = 50
+  tr.log_every_steps = 20
+  tr.eval_every_steps = 200
+  tr.checkpoint_every_steps = 200
+  if args.runlocal:
+    tr.num_steps, tr.warmup_steps, tr.eval_every_steps = 10, 2, 10
+    data.synthetic.num_videos = dict(training=16, validation=8, test=8)
+  return config

@@ -1,0 +1,1 @@
+"""hvlm-jax: HierarchicalVLM for long-form video understanding in JAX/Flax."""

@@ -1,0 +1,1 @@
+"""Model code: attention family, token merging, domain modules, encoder, heads, model."""

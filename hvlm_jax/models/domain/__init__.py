@@ -1,0 +1,1 @@
+"""Domain specialisation: multi-domain LoRA adapters, domain experts and router."""
