@@ -1,0 +1,1 @@
+"""Data: annotations, video decoding, vocabularies, the grain pipeline, synthetic videos."""
