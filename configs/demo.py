@@ -5,8 +5,9 @@
 The dataset is generated under data.dir on first use. `:attention=performer` (or any
 registered type) swaps the attention; `:merging=true` turns on adaptive token merging.
 """
-from configs import base
-from hvlm_jax.config import parse_arg
+from hvlm_jax.config import import_sibling, parse_arg
+
+base = import_sibling(__file__, "base.py")
 
 ARGS = dict(attention="full", merging=False, runlocal=False)
 

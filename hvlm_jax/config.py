@@ -100,3 +100,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("Set config.training.num_steps or config.training.num_epochs above 0.")
   if config.training.mixed_precision not in (True, False):
     raise ConfigError("config.training.mixed_precision must be true or false.")
+
+
+def import_sibling(this_file: str, filename: str):
+  """Imports another config file next to `this_file` (configs are loaded by path, not as a
+  package, so `from configs import base` would depend on the working directory)."""
+  import importlib.util
+  import os
+  path = os.path.join(os.path.dirname(os.path.abspath(this_file)), filename)
+  spec = importlib.util.spec_from_file_location(
+      f"hvlm_config_{os.path.splitext(filename)[0]}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

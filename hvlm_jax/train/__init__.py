@@ -1,0 +1,1 @@
+"""Training: mesh and sharding, optimizer and state, checkpoints, the train loop."""

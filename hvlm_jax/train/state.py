@@ -1,0 +1,87 @@
+"""Train state, optimizer and learning-rate schedule.
+
+AdamW (Loshchilov & Hutter, 2019) with linear warmup + cosine decay, global-norm gradient
+clipping, a weight-decay mask (no decay on biases, norms, position embeddings), optional
+gradient accumulation, and LoRA fine-tuning: frozen parameters get `set_to_zero` updates and
+therefore no optimizer state at all.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+# Parameter names (last path element) that are not weight-decayed.
+_NO_DECAY = re.compile(r"^(bias|scale|.*position.*|.*embedding_table.*)$")
+
+
+@struct.dataclass
+class TrainState:
+  """Everything a checkpoint needs to resume the model and optimizer exactly."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def learning_rate_schedule(config, total_steps: int) -> optax.Schedule:
+  tr = config.training
+  warmup = min(tr.warmup_steps, max(total_steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=tr.learning_rate, warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1), end_value=tr.learning_rate * 0.01)
+
+
+def path_names(params) -> dict[tuple[str, ...], Any]:
+  return flatten_dict(flax.core.unfreeze(params))
+
+
+def weight_decay_mask(params):
+  """True where a parameter is decayed: kernels and matrices, not biases/norms/embeddings."""
+  flat = path_names(params)
+  return unflatten_dict({k: not _NO_DECAY.match(k[-1]) for k in flat})
+
+
+def trainable_mask(params, finetune: str):
+  """True where a parameter trains. `finetune`: "" / "full" (all) or "lora".
+
+  In LoRA mode only adapters (`lora_a`, `lora_b`), the domain router and the task heads
+  train; the encoder's base weights are frozen.
+  """
+  flat = path_names(params)
+  if finetune in ("", "full"):
+    return unflatten_dict({k: True for k in flat})
+  if finetune != "lora":
+    raise ValueError(f"config.training.finetune={finetune!r} must be '', 'full' or 'lora'.")
+  def trains(path):
+    name = "/".join(path)
+    return (path[-1] in ("lora_a", "lora_b") or "router" in name or "head" in name)
+  return unflatten_dict({k: trains(k) for k in flat})
+
+
+def make_optimizer(config, params, total_steps: int) -> optax.GradientTransformation:
+  tr = config.training
+  schedule = learning_rate_schedule(config, total_steps)
+  tx = optax.chain(
+      optax.clip_by_global_norm(tr.gradient_clip) if tr.gradient_clip > 0 else optax.identity(),
+      optax.adamw(schedule, b1=0.9, b2=0.999, weight_decay=tr.weight_decay,
+                  mask=weight_decay_mask(params)))
+  mask = trainable_mask(params, tr.get("finetune", ""))
+  if not all(jax.tree.leaves(mask)):
+    labels = jax.tree.map(lambda m: "train" if m else "frozen", mask)
+    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+  if tr.get("gradient_accumulation_steps", 1) > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=tr.gradient_accumulation_steps)
+  return tx
+
+
+def count_parameters(params, mask=None) -> int:
+  leaves = jax.tree.leaves(params)
+  if mask is None:
+    return sum(int(jnp.size(x)) for x in leaves)
+  return sum(int(jnp.size(x)) for x, m in zip(leaves, jax.tree.leaves(mask)) if m)

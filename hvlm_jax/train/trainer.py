@@ -1,0 +1,298 @@
+"""The trainer: `python -m hvlm_jax.train --config=configs/demo.py --workdir=runs/demo`.
+
+Reads top to bottom, as big_vision's train.py: setup, mesh, input, model, sharded state,
+update step, checkpoint / resume, evaluation, loop. One `jax.jit` train step over a
+(data, fsdp, tensor) mesh serves one CPU, a multi-GPU host and a TPU pod slice.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import linen as nn
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from hvlm_jax import config as config_lib
+from hvlm_jax.data import pipeline, synthetic
+from hvlm_jax.eval import evaluate as evaluate_lib
+from hvlm_jax.models import model as model_lib
+from hvlm_jax.train import sharding, state as state_lib
+from hvlm_jax.train.checkpoint import Checkpointer, abstract_with_shardings
+from hvlm_jax.train.metric_writer import MetricWriter
+
+
+class TrainingError(RuntimeError):
+  """Training cannot go on (NaN loss, bad data); the message says why and what was kept."""
+
+
+def total_train_steps(config, num_train_videos: int) -> int:
+  tr = config.training
+  if tr.num_steps > 0:
+    return int(tr.num_steps)
+  steps_per_epoch = max(num_train_videos // config.data.batch_size, 1)
+  return int(tr.num_epochs * steps_per_epoch)
+
+
+def prepare_config(config, vocabs) -> ml_collections.ConfigDict:
+  """Fills the data-dependent sizes (classes, vocabularies) into config.model.heads."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  heads = config.model.heads
+  with config.ignore_type():
+    heads.num_classes = len(vocabs.actions)
+    if "vocab_size" in heads:
+      heads.vocab_size = len(vocabs.words)
+    if "num_answers" in heads:
+      heads.num_answers = len(vocabs.answers)
+  return config
+
+
+def create_train_state(config, model, tx, example_batch, mesh, rng):
+  """Initialises the train state directly into its shardings (never whole on one device).
+
+  Returns (state, state_shardings, abstract_state).
+  """
+  def init(rng):
+    params_rng, dropout_rng, features_rng = jax.random.split(rng, 3)
+    variables = model.init({"params": params_rng, "dropout": dropout_rng,
+                            "features": features_rng}, example_batch, train=False)
+    return variables["params"]
+
+  boxed = jax.eval_shape(init, rng)
+  param_shardings = sharding.tree_shardings(boxed, mesh)
+  abstract_params = nn.meta.unbox(boxed)
+
+  def init_state(rng):
+    params = nn.meta.unbox(init(rng))
+    return state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                opt_state=tx.init(params))
+
+  abstract_state = jax.eval_shape(init_state, rng)
+  state_shardings = state_lib.TrainState(
+      step=NamedSharding(mesh, P()), params=param_shardings,
+      opt_state=sharding.follow_param_shardings(abstract_state.opt_state, abstract_params,
+                                                param_shardings, mesh))
+  state = jax.jit(init_state, out_shardings=state_shardings)(rng)
+  return state, state_shardings, abstract_with_shardings(abstract_state, state_shardings)
+
+
+def make_train_step(config, model, tx, schedule, state_shardings, mesh):
+  """The jitted update: forward, multi-task loss, backward, optimizer, metrics."""
+  def train_step(state, batch, rng):
+    rng = jax.random.fold_in(rng, state.step)
+    dropout_rng, features_rng = jax.random.split(rng)
+
+    def loss_fn(params):
+      outputs = model.apply({"params": params}, batch, train=True,
+                            rngs={"dropout": dropout_rng, "features": features_rng})
+      return model_lib.compute_losses(outputs, batch, config)
+
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = jax.tree.map(lambda p, u: p + u, state.params, updates)
+    metrics = dict(metrics, grad_norm=optax_global_norm(grads),
+                   learning_rate=schedule(state.step))
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(train_step, in_shardings=(state_shardings, None, replicated),
+                 out_shardings=(state_shardings, replicated), donate_argnums=0)
+
+
+def optax_global_norm(tree):
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def parameter_overview(params) -> str:
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  lines = [f"{'parameter':<72} {'shape':<20} {'size':>10}"]
+  for path, x in flat:
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    lines.append(f"{name:<72} {str(tuple(x.shape)):<20} {int(np.prod(x.shape)):>10}")
+  total = sum(int(np.prod(x.shape)) for _, x in flat)
+  lines.append(f"total parameters: {total:,}")
+  return "\n".join(lines)
+
+
+class _StopSignal:
+  """SIGTERM (preemption, `kill`) asks the loop to save and exit at the next step boundary."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    logging.warning("SIGTERM received: saving a checkpoint and exiting.")
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains per `config`, checkpointing into `workdir`; returns the last eval metrics."""
+  # ----- setup ---------------------------------------------------------------------------
+  config_lib.validate(config)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  logging.info("Devices: %d (%d local) on %d process(es): %s", jax.device_count(),
+               jax.local_device_count(), jax.process_count(), jax.devices()[0].platform)
+
+  # ----- mesh ----------------------------------------------------------------------------
+  mesh = sharding.make_mesh(config.mesh)
+  logging.info("Mesh: %s", dict(mesh.shape))
+  data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+  if config.data.batch_size % data_parallel:
+    raise config_lib.ConfigError(
+        f"config.data.batch_size={config.data.batch_size} is not divisible by the "
+        f"data-parallel mesh size data*fsdp={data_parallel}.")
+
+  # ----- input ---------------------------------------------------------------------------
+  if is_main:
+    synthetic.ensure_dataset(config)
+  sync_processes("dataset_ready")
+  train_split = pipeline.load_split(config, "training")
+  val_split = pipeline.load_split(config, "validation")
+  vocabs = pipeline.Vocabularies.build_or_load(train_split, workdir, config)
+  config = prepare_config(config, vocabs)
+  if is_main:
+    _write_json(os.path.join(workdir, "config.json"), config.to_dict())
+  total_steps = total_train_steps(config, len(train_split))
+  train_iter = pipeline.make_train_iterator(
+      config, train_split, vocabs, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  first_batch = next(iter(pipeline.eval_batches(config, val_split, vocabs)))
+
+  # ----- model and sharded state ---------------------------------------------------------
+  model = model_lib.build_model(config)
+  rng = jax.random.key(config.seed)
+  example = {k: v[:data_parallel] for k, v in first_batch.items()}
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.flax_logical_rules()):
+    abstract_params = nn.meta.unbox(jax.eval_shape(
+        lambda r: model.init({"params": r, "dropout": r, "features": r}, example,
+                             train=False)["params"], rng))
+    schedule = state_lib.learning_rate_schedule(config, total_steps)
+    tx = state_lib.make_optimizer(config, abstract_params, total_steps)
+    state, state_shardings, abstract_state = create_train_state(
+        config, model, tx, example, mesh, rng)
+  if is_main:
+    overview = parameter_overview(state.params)
+    logging.info("Parameters:\n%s", overview)
+    mask = state_lib.trainable_mask(state.params, config.training.get("finetune", ""))
+    logging.info("Trainable parameters: %s of %s",
+                 f"{state_lib.count_parameters(state.params, mask):,}",
+                 f"{state_lib.count_parameters(state.params):,}")
+  train_step = make_train_step(config, model, tx, schedule, state_shardings, mesh)
+
+  # ----- checkpoint / resume -------------------------------------------------------------
+  tr = config.training
+  ckpt = Checkpointer(workdir, keep_latest=tr.keep_checkpoints,
+                      keep_best=tr.get("keep_best_checkpoints", 1),
+                      best_metric=tr.get("best_metric", "val_classification_accuracy"),
+                      best_mode=tr.get("best_mode", "max"))
+  restored, step = ckpt.restore_latest_valid(abstract_state, train_iter)
+  if restored is not None:
+    state = restored
+    logging.info("Resumed from %s/%d.", ckpt.directory, step)
+  elif config.get("init_from"):
+    state = state.replace(params=load_pretrained(config.init_from, state.params,
+                                                 abstract_state.params))
+  start_step = int(state.step)
+
+  # ----- evaluation ----------------------------------------------------------------------
+  def run_eval(step):
+    metrics = evaluate_lib.evaluate_split(config, model, state.params, val_split, vocabs,
+                                          mesh, max_batches=tr.get("eval_max_batches", 0))
+    scalars = {f"val_{k}": v for k, v in metrics.items() if np.isscalar(v)}
+    writer.write_scalars(step, scalars)
+    logging.info("eval @ %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in scalars.items()))
+    return scalars
+
+  # ----- loop ----------------------------------------------------------------------------
+  writer = MetricWriter(os.path.join(workdir, "tensorboard"), total_steps)
+  stop = _StopSignal()
+  train_rng = jax.random.fold_in(rng, 1)
+  eval_scalars, step = {}, start_step
+  pending = []
+  logging.info("Training steps %d -> %d.", start_step, total_steps)
+  try:
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.flax_logical_rules()):
+      writer.steps_per_second(step)
+      t_data = 0.0
+      while step < total_steps:
+        t0 = time.perf_counter()
+        batch = sharding.global_batch(next(train_iter), mesh)
+        t_data += time.perf_counter() - t0
+        state, metrics = train_step(state, batch, train_rng)
+        step += 1
+        pending.append(metrics)
+        if step % tr.log_every_steps == 0 or step == total_steps:
+          summary = {k: float(np.mean([jax.device_get(m[k]) for m in pending]))
+                     for k in pending[-1]}
+          pending = []
+          if not np.isfinite(summary["loss"]):
+            raise TrainingError(
+                f"Loss became {summary['loss']} at step {step}; stopped without saving. The "
+                f"last good checkpoint is in {ckpt.directory} (steps {ckpt.all_steps()}).")
+          rate = writer.steps_per_second(step)
+          summary["steps_per_second"] = rate
+          summary["clips_per_second"] = rate * config.data.batch_size
+          summary["data_wait_fraction"] = t_data * rate / tr.log_every_steps if rate else 0.0
+          t_data = 0.0
+          writer.write_scalars(step, summary, prefix="train/")
+          writer.log_progress(step, summary, rate)
+        eval_now = step % tr.eval_every_steps == 0 or step == total_steps
+        if eval_now:
+          eval_scalars = run_eval(step)
+        if step % tr.checkpoint_every_steps == 0 or step == total_steps or stop.requested:
+          ckpt.save(step, state, train_iter, config, metrics=eval_scalars if eval_now else None,
+                    force=True)
+        if stop.requested:
+          break
+  finally:
+    ckpt.close()
+    writer.close()
+    stop.restore()
+  if is_main:
+    _write_json(os.path.join(workdir, "final_metrics.json"), dict(step=step, **eval_scalars))
+  return eval_scalars
+
+
+def load_pretrained(init_from: str, params, abstract_params):
+  """Parameters from another run's checkpoint (`WORKDIR` or `WORKDIR:STEP`), where they fit.
+
+  Entries whose path and shape match are taken; the rest keep their fresh initialisation
+  (a new head, say), and both lists are logged.
+  """
+  path, _, step = init_from.partition(":")
+  ckpt = Checkpointer(path, read_only=True, async_save=False)
+  step = ckpt.resolve(step or "latest")
+  restored = ckpt.restore_params(step, abstract_params)
+  taken, kept = [], []
+  def pick(kp, new, old):
+    (taken if new.shape == old.shape else kept).append(jax.tree_util.keystr(kp))
+    return new if new.shape == old.shape else old
+  merged = jax.tree_util.tree_map_with_path(pick, restored, params)
+  logging.info("init_from %s step %d: %d tensors loaded, %d kept fresh.", path, step,
+               len(taken), len(kept))
+  return merged
+
+
+def sync_processes(name: str):
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def _write_json(path: str, obj):
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, default=str)
+  os.replace(tmp, path)
