@@ -293,3 +293,68 @@ def test_per_domain_slices_each_kind_of_input():
   assert top["sports"]["top1"] == 1.0 and top["news"]["top1"] == 0.5
   with pytest.raises(ValueError, match="item_videos"):
     M.per_domain(M.qa_accuracy, domain_of, ["x"], ["x"])
+
+
+# --------------------------------------------------------------------------- report files
+
+from hvlm_jax.eval import report as R  # noqa: E402
+
+
+def test_json_written_atomically_with_numpy_and_nan(tmp_path):
+  path = tmp_path / "sub" / "metrics.json"
+  R.write_json_atomic(path, {"a": np.float32(0.5), "b": np.arange(3), "c": float("nan"),
+                             1: (np.int64(2), np.bool_(True))})
+  import json
+  assert json.loads(path.read_text()) == {"a": 0.5, "b": [0, 1, 2], "c": None, "1": [2, True]}
+  assert oct(path.stat().st_mode & 0o777) == oct(0o644)
+
+
+def test_failed_write_keeps_previous_file(tmp_path, monkeypatch):
+  path = tmp_path / "metrics.json"
+  R.write_json_atomic(path, {"mAP": 0.5})
+  good = path.read_text()
+  with pytest.raises(TypeError, match=r"metrics.json\['x'\]\[1\] is a object"):
+    R.write_json_atomic(path, {"mAP": 0.9, "x": [1, object()]})
+  def broken_replace(src, dst):
+    raise OSError("disk full")
+  monkeypatch.setattr(R.os, "replace", broken_replace)
+  with pytest.raises(OSError, match="disk full"):
+    R.write_json_atomic(path, {"mAP": 0.9})
+  assert path.read_text() == good
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]  # no temp left behind
+
+
+def test_markdown_report_tables_and_baseline(tmp_path):
+  qa = M.qa_accuracy(["yes", "no", "two"], ["yes", "yes", "2"], ["yn", "yn", "count"])
+  qa["majority_baseline"] = M.qa_majority_baseline(["yes", "yes", "2"])
+  gt = [seg("a", 0, 5, "x"), seg("b", 0, 5, "y")]
+  metrics = {
+      "meta": {"split": "test", "step": 100},
+      "detection": M.detection_map([dict(gt[0], score=0.9)], gt, M.THUMOS_TIOU),
+      "qa": qa,
+      "captioning": M.caption_scores(REFS, {k: v[0] for k, v in REFS.items()}, meteor=False),
+      "classification": M.classification_topk([[1, 0], [0, 1]], [0, 0], ks=(1,)),
+      "per_domain": {"news": {"qa": {"accuracy": 0.5, "majority_baseline": {"accuracy": 0.25}}},
+                     "sports": {"detection": {"mAP": 1.0, "mAP@0.50": 1.0}}},
+      "losses": {"total": 1.5, "qa": {"ce": 0.2}}}
+  text = R.markdown_report(metrics, title="Evaluation: test")
+  lines = text.splitlines()
+  assert lines[0] == "# Evaluation: test"
+  assert "| step | 100 |" in lines
+  i = lines.index("| mAP | mAP@0.30 | mAP@0.40 | mAP@0.50 | mAP@0.60 | mAP@0.70 |")
+  assert lines[i + 2] == "| 0.5000 | 0.5000 | 0.5000 | 0.5000 | 0.5000 | 0.5000 |"
+  assert "Accuracy **0.3333** over 3 questions." in lines
+  assert 'Majority-answer baseline (always "yes"): 0.6667.' in lines
+  assert "| count | 0.0000 | 1 |" in lines and "| yn | 0.5000 | 2 |" in lines
+  assert "| domain | det mAP@0.50 | det mAP | QA accuracy | QA majority |" in lines
+  assert "| news | - | - | 0.5000 | 0.2500 |" in lines
+  assert "| sports | 1.0000 | 1.0000 | - | - |" in lines
+  i = lines.index("| BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 | ROUGE_L | CIDEr |")
+  assert lines[i + 2] == "| 1.0000 | 1.0000 | 1.0000 | 1.0000 | 1.0000 | 10.0000 |"
+  assert lines[i + 5] == "- METEOR not requested."
+  assert "| top1 | num_examples |" in lines and "| 0.5000 | 2 |" in lines
+  assert "| qa/ce | 0.2000 |" in lines
+  paths = R.write_results(tmp_path, metrics, {"qa": ["yes"]}, name="test")
+  assert open(paths["report"]).read() == text
+  assert sorted(p.name for p in tmp_path.iterdir()) == [
+      "metrics_test.json", "predictions_test.json", "report_test.md"]
