@@ -27,7 +27,9 @@ def get_config(arg=None):
   data.batch_size = 8  # Global batch size, split over processes.
   data.eval_batch_size = 8
   data.num_workers = 0  # grain worker processes per host (0: decode in the main process).
-  data.prefetch = 2
+  data.prefetch = 2  # Batches buffered per worker.
+  data.read_threads = 2  # grain threads per process calling the decoder (PyAV drops the GIL).
+  data.memory_cache_mb = 0  # >0: keep decoded videos in memory up to this budget per process.
   data.shuffle_buffer_seed = 0
   data.strict = False  # True: videos without annotations (and vice versa) are errors.
   data.max_corrupt_videos = 10  # Skipped corrupt videos in training before it becomes an error.
@@ -42,6 +44,9 @@ def get_config(arg=None):
   data.video.num_frames = args.frames
   data.video.frame_size = args.frame_size
   data.video.decode_threads = 1  # FFmpeg threads per decode; 1 suits several grain workers.
+  data.video.decode_size = 0  # Shorter side of decoded frames before cropping (0: frame_size).
+  data.video.max_fps = 0.0  # >0: sample only frames shown at k / max_fps (bounds the cache).
+  data.video.min_window = 0.8  # Training window: U(min_window, 1) of the video (1: whole).
   data.augment = ml_collections.ConfigDict()
   data.augment.enabled = True
   data.augment.flip = True
@@ -55,6 +60,7 @@ def get_config(arg=None):
   data.synthetic.num_frames = 48
   data.synthetic.fps = 12
   data.synthetic.seed = 0
+  data.synthetic.max_objects = 3  # Shapes per clip, 1 to 3.
 
   # ----- model --------------------------------------------------------------------------
   config.model = model = ml_collections.ConfigDict()
