@@ -28,10 +28,16 @@ _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initial
 # Errors that are the user's to fix: print their message, not a traceback.
 def _user_errors():
   from hvlm_jax.config import ConfigError
-  from hvlm_jax.data.errors import DataError
+  from hvlm_jax.data import AnnotationError, VideoError
   from hvlm_jax.train.checkpoint import CheckpointNotFoundError
   from hvlm_jax.train.trainer import TrainingError
-  return (ConfigError, DataError, CheckpointNotFoundError, TrainingError)
+  return (ConfigError, AnnotationError, VideoError, FileNotFoundError,
+          CheckpointNotFoundError, TrainingError)
+
+
+def _quiet_libraries(record: logging.LogRecord) -> bool:
+  """Keeps INFO lines of this project; libraries (orbax, grain, jax) speak from WARNING up."""
+  return record.levelno >= logging.WARNING or "hvlm_jax" in record.pathname
 
 
 def _initialize_distributed():
@@ -51,6 +57,8 @@ def _main(command: str):
     if _CONFIG.value is None or not _WORKDIR.value:
       raise app.UsageError("Both --config and --workdir are required.")
     logging.getLogger().setLevel(logging.INFO)
+    for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
+      handler.addFilter(_quiet_libraries)
     _initialize_distributed()
     try:
       if command == "train":

@@ -43,7 +43,7 @@ def make_eval_step(config, model):
 def evaluate_split(config, model, params, split_data, vocabs, mesh, *, max_batches: int = 0,
                    progress: bool = False) -> dict:
   """Scores `params` on every video of `split_data`; returns a flat dict of metrics."""
-  from hvlm_jax.data import pipeline
+  from hvlm_jax import data as pipeline
   eval_step = make_eval_step(config, model)
   sums, weights = {}, {}
   batches = pipeline.eval_batches(config, split_data, vocabs,

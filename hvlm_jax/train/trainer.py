@@ -20,7 +20,7 @@ from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hvlm_jax import config as config_lib
-from hvlm_jax.data import pipeline, synthetic
+from hvlm_jax import data as data_lib
 from hvlm_jax.eval import evaluate as evaluate_lib
 from hvlm_jax.models import model as model_lib
 from hvlm_jax.train import sharding, state as state_lib
@@ -45,11 +45,9 @@ def prepare_config(config, vocabs) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict(config.to_dict())
   heads = config.model.heads
   with config.ignore_type():
-    heads.num_classes = len(vocabs.actions)
-    if "vocab_size" in heads:
-      heads.vocab_size = len(vocabs.words)
-    if "num_answers" in heads:
-      heads.num_answers = len(vocabs.answers)
+    heads.num_classes = vocabs.num_actions
+    heads.vocab_size = vocabs.num_words
+    heads.num_answers = vocabs.num_answers
   return config
 
 
@@ -64,9 +62,8 @@ def create_train_state(config, model, tx, example_batch, mesh, rng):
                             "features": features_rng}, example_batch, train=False)
     return variables["params"]
 
-  boxed = jax.eval_shape(init, rng)
-  param_shardings = sharding.tree_shardings(boxed, mesh)
-  abstract_params = nn.meta.unbox(boxed)
+  param_shardings = sharding.tree_shardings(jax.eval_shape(init, rng), mesh)
+  abstract_params = jax.eval_shape(lambda r: nn.meta.unbox(init(r)), rng)
 
   def init_state(rng):
     params = nn.meta.unbox(init(rng))
@@ -120,6 +117,12 @@ def parameter_overview(params) -> str:
   return "\n".join(lines)
 
 
+def module_overview(params) -> str:
+  """Parameter count per top-level module (encoder, each head, router ...)."""
+  sizes = {k: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(v)) for k, v in params.items()}
+  return "\n".join(f"  {k:<28} {v:>12,}" for k, v in sorted(sizes.items()))
+
+
 class _StopSignal:
   """SIGTERM (preemption, `kill`) asks the loop to save and exit at the next step boundary."""
 
@@ -156,35 +159,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # ----- input ---------------------------------------------------------------------------
   if is_main:
-    synthetic.ensure_dataset(config)
+    data_lib.ensure_dataset(config)
   sync_processes("dataset_ready")
-  train_split = pipeline.load_split(config, "training")
-  val_split = pipeline.load_split(config, "validation")
-  vocabs = pipeline.Vocabularies.build_or_load(train_split, workdir, config)
+  train_split = data_lib.load_split(config, "training")
+  val_split = data_lib.load_split(config, "validation")
+  vocabs = load_or_build_vocabularies(train_split, workdir, config)
   config = prepare_config(config, vocabs)
   if is_main:
     _write_json(os.path.join(workdir, "config.json"), config.to_dict())
   total_steps = total_train_steps(config, len(train_split))
-  train_iter = pipeline.make_train_iterator(
+  train_iter = data_lib.make_train_iterator(
       config, train_split, vocabs, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
-  first_batch = next(iter(pipeline.eval_batches(config, val_split, vocabs)))
+  first_batch = next(iter(data_lib.eval_batches(config, val_split, vocabs)))
 
   # ----- model and sharded state ---------------------------------------------------------
   model = model_lib.build_model(config)
   rng = jax.random.key(config.seed)
   example = {k: v[:data_parallel] for k, v in first_batch.items()}
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.flax_logical_rules()):
-    abstract_params = nn.meta.unbox(jax.eval_shape(
-        lambda r: model.init({"params": r, "dropout": r, "features": r}, example,
-                             train=False)["params"], rng))
+    abstract_params = jax.eval_shape(lambda r: nn.meta.unbox(model.init(
+        {"params": r, "dropout": r, "features": r}, example, train=False)["params"]), rng)
     schedule = state_lib.learning_rate_schedule(config, total_steps)
     tx = state_lib.make_optimizer(config, abstract_params, total_steps)
     state, state_shardings, abstract_state = create_train_state(
         config, model, tx, example, mesh, rng)
   if is_main:
     overview = parameter_overview(state.params)
-    logging.info("Parameters:\n%s", overview)
+    with open(os.path.join(workdir, "parameters.txt"), "w") as f:
+      f.write(overview + "\n")
+    logging.info("Parameters per module (all in %s/parameters.txt):\n%s", workdir,
+                 module_overview(state.params))
     mask = state_lib.trainable_mask(state.params, config.training.get("finetune", ""))
     logging.info("Trainable parameters: %s of %s",
                  f"{state_lib.count_parameters(state.params, mask):,}",
@@ -283,6 +288,20 @@ def load_pretrained(init_from: str, params, abstract_params):
   logging.info("init_from %s step %d: %d tensors loaded, %d kept fresh.", path, step,
                len(taken), len(kept))
   return merged
+
+
+def load_or_build_vocabularies(train_split, workdir: str, config):
+  """Vocabularies of this run: built from the training split once, then reloaded, so a
+  resumed run or an evaluation maps words and labels exactly as training did."""
+  path = os.path.join(workdir, "vocabularies.json")
+  if os.path.exists(path):
+    return data_lib.Vocabularies.load(path)
+  vocabs = data_lib.Vocabularies.build(train_split, config)
+  if jax.process_index() == 0:
+    tmp = path + ".tmp"
+    vocabs.save(tmp)
+    os.replace(tmp, path)
+  return vocabs
 
 
 def sync_processes(name: str):
