@@ -84,13 +84,36 @@ def get_config(arg=None):
   tm.target_compression_ratio = 0.5
 
   model.domain_modules = dm = ml_collections.ConfigDict()
-  dm.num_domains = 4
+  dm.num_domains = 4  # = len(data.domains).
+  # LoRA targets: query, key, value, out, mlp_in, mlp_out. Rank 8 on query+value of a
+  # 12-layer width-768 encoder: 294,912 parameters per domain.
   dm.lora = ml_collections.ConfigDict(dict(enabled=False, rank=8, alpha=16.0, dropout=0.0,
                                            targets=("query", "value")))
+  # At inference, take the domain (LoRA adapter, hard expert) from the router's argmax
+  # instead of batch["domain"]; builds the router.
+  dm.use_router_for_lora = False
+  # Router on a pooled thumbnail stem of the input (runs before the encoder). Built when
+  # enabled, when use_router_for_lora, or for soft / top_k experts. mode: hard (domain
+  # labels), soft (mixture of all experts), top_k. supervised: cross-entropy to the domain
+  # labels (loss_weights.router); else Switch load balancing (loss_weights.router_balance).
+  dm.router = ml_collections.ConfigDict(dict(enabled=False, mode="hard", top_k=1,
+                                             hidden_size=128, pool_size=4, supervised=True))
+  dm.experts = ml_collections.ConfigDict(dict(enabled=False, mlp_dim=0, dropout_rate=0.0))
 
   model.heads = heads = ml_collections.ConfigDict()
-  heads.tasks = ("classification",)
+  heads.tasks = ("classification", "action_detection", "video_qa", "captioning")
+  # Sizes from the data; the trainer fills them from the built vocabularies.
   heads.num_classes = 10  # Action classes (classification and detection).
+  heads.vocab_size = 1000  # Word vocabulary (questions and captions).
+  heads.num_answers = 1000  # Answer classes.
+  heads.text = ml_collections.ConfigDict(dict(num_heads=0, mlp_dim=0, dropout_rate=0.0))
+  heads.detection = ml_collections.ConfigDict(dict(
+      num_layers=2, kernel_size=3, loss="focal", focal_alpha=0.25, focal_gamma=2.0,
+      regression_loss="diou", regression_weight=1.0, smoothing_window=3, nms_threshold=0.5,
+      pre_nms_top_k=200, max_detections=20, min_score=1e-3))
+  heads.qa = ml_collections.ConfigDict(dict(num_layers=2))
+  heads.captioning = ml_collections.ConfigDict(dict(
+      num_layers=2, label_smoothing=0.1, beam_size=3, length_penalty=0.6, max_length=24))
 
   # ----- training -----------------------------------------------------------------------
   config.training = tr = ml_collections.ConfigDict()
@@ -108,7 +131,8 @@ def get_config(arg=None):
   tr.checkpoint_every_steps = 1000
   tr.keep_checkpoints = 3
   tr.loss_weights = ml_collections.ConfigDict(
-      dict(classification=1.0, action_detection=0.33, video_qa=0.33, captioning=0.34))
+      dict(classification=1.0, action_detection=0.33, video_qa=0.33, captioning=0.34,
+           router=0.1, router_balance=0.01))
 
   # ----- mesh ---------------------------------------------------------------------------
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

@@ -1,8 +1,28 @@
-"""HierarchicalVLM: video encoder -> temporal features -> task heads.
+"""HierarchicalVLM: router -> video encoder (domain LoRA) -> domain experts -> task heads.
 
-`build_model(config)` turns the `config.model` section into a linen module;
-`HierarchicalVLM.__call__(batch, *, train)` returns a dict of head outputs and
-`compute_losses(outputs, batch, config)` the weighted multi-task loss.
+`build_model(config)` turns the `config.model` section into a linen module.
+  model.apply(variables, batch, train=bool, rngs=...) -> outputs dict (training / losses);
+  model.apply(variables, batch, method=HierarchicalVLM.predict) -> prediction arrays;
+  compute_losses(outputs, batch, config) -> (total, metrics dict of scalars).
+
+Data flow (one pass): the DomainRouter (if configured) reads a thumbnail stem of the input
+and gives domain logits; the domain used by LoRA and hard experts is batch["domain"], or the
+router's argmax at inference when model.domain_modules.use_router_for_lora is set (the router
+runs before the encoder for exactly this). The encoder gives tokens (B, N, D) (merged, if
+token merging is on) with token_mask, and time_features (B, T', D) on the full time grid.
+DomainExperts refine both. Heads: classification and QA / captioning read the tokens
+(cross-attention); action detection reads time_features.
+
+Outputs of __call__ (present when their task / module is configured):
+  time_features (B, T', D); domain (B,) int32 used; router_logits (B, E);
+  classification (B, C); detection_logits (B, T', C); detection_offsets (B, T', 2) in step
+  units; qa_logits (B, Q, A); caption_logits (B, Lc - 1, V).
+Outputs of predict:
+  domain (B,); router_domain (B,); classification_logits (B, C);
+  detection_{start,end,score} (B, K) float32 seconds / score, detection_label (B, K) int32,
+  detection_valid (B, K) bool (see heads.detection.detections_as_lists);
+  qa_answer (B, Q) int32 answer ids, qa_score (B, Q) probability;
+  caption_tokens (B, L) int32 word ids (eos included when produced, pad after), caption_score.
 """
 from __future__ import annotations
 
@@ -11,12 +31,23 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 from flax import linen as nn
 
+from hvlm_jax.config import ConfigError
+from hvlm_jax.models import heads as heads_lib
+from hvlm_jax.models.domain.experts import (ROUTING_MODES, DomainExperts, DomainRouter,
+                                            router_losses, routing_weights)
 from hvlm_jax.models.domain.lora import LoRASpec
 from hvlm_jax.models.encoder import VideoEncoder
-from hvlm_jax.models.layers import dense, layer_norm
+from hvlm_jax.models.token_merging import MergingSpec
+
+TASKS = ("classification", "action_detection", "video_qa", "captioning")
+# Batch keys each task reads (besides the input).
+TASK_KEYS = dict(classification=("label", "label_mask"),
+                 action_detection=("action_targets", "action_offsets", "action_mask",
+                                   "step_times", "step_duration"),
+                 video_qa=("questions", "answers", "qa_mask"),
+                 captioning=("caption_tokens", "caption_mask"))
 
 
 def compute_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
@@ -44,19 +75,34 @@ def attention_options(model_config) -> tuple[tuple[str, Any], ...]:
   return tuple(sorted(options.items()))
 
 
-class ClassificationHead(nn.Module):
-  """Clip classification: mean-pooled tokens -> LayerNorm -> linear classes."""
-  num_classes: int
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
+def uses_router(model_config) -> bool:
+  """The router is built when asked for, or when soft / top-k experts or LoRA need it."""
+  dm = model_config.domain_modules
+  return bool(dm.router.enabled or dm.use_router_for_lora or
+              (dm.experts.enabled and dm.router.mode != "hard"))
 
-  @nn.compact
-  def __call__(self, tokens, mask):
-    m = mask[..., None].astype(tokens.dtype)
-    pooled = (tokens * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
-    pooled = layer_norm("ln", self.dtype, self.param_dtype)(pooled)
-    return dense(self.num_classes, ("embed", "vocab"), name="logits", dtype=jnp.float32,
-                 param_dtype=self.param_dtype, kernel_init=nn.initializers.zeros)(pooled)
+
+def check_model_config(model_config) -> None:
+  """Raises ConfigError naming the key for values the heads and domain modules reject."""
+  h, dm = model_config.heads, model_config.domain_modules
+  unknown = [t for t in h.tasks if t not in TASKS]
+  if unknown or not h.tasks:
+    raise ConfigError(f"config.model.heads.tasks={tuple(h.tasks)} must be a non-empty subset "
+                      f"of {TASKS}.")
+  if dm.router.mode not in ROUTING_MODES:
+    raise ConfigError(f"config.model.domain_modules.router.mode={dm.router.mode!r} is not one "
+                      f"of {ROUTING_MODES}.")
+  if dm.router.mode == "top_k" and not 1 <= dm.router.top_k <= dm.num_domains:
+    raise ConfigError(f"config.model.domain_modules.router.top_k={dm.router.top_k} must be in "
+                      f"[1, num_domains={dm.num_domains}].")
+  heads = text_heads(model_config)
+  if model_config.hidden_size % heads:
+    raise ConfigError(f"config.model.hidden_size={model_config.hidden_size} is not divisible "
+                      f"by config.model.heads.text.num_heads={heads}.")
+
+
+def text_heads(model_config) -> int:
+  return model_config.heads.text.num_heads or model_config.num_attention_heads
 
 
 class HierarchicalVLM(nn.Module):
@@ -65,51 +111,187 @@ class HierarchicalVLM(nn.Module):
   dtype: Any = jnp.float32
   remat_policy: str | None = None
 
-  @nn.compact
-  def __call__(self, batch: dict[str, jax.Array], *, train: bool = False) -> dict:
+  def setup(self):
     cfg = self.config
-    param_dtype = jnp.dtype(cfg.param_dtype)
-    encoder = VideoEncoder(
-        hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
-        num_heads=cfg.num_attention_heads, mlp_dim=cfg.mlp_dim,
-        tubelet_size=tuple(cfg.tubelet_size), attention_type=cfg.attention.type,
-        attention_options=attention_options(cfg), dropout_rate=cfg.dropout_rate,
-        lora=lora_spec(cfg), remat_policy=self.remat_policy, dtype=self.dtype,
-        param_dtype=param_dtype, name="encoder")
+    check_model_config(cfg)
+    kw = dict(dtype=self.dtype, param_dtype=jnp.dtype(cfg.param_dtype))
+    d, dm, h = cfg.hidden_size, cfg.domain_modules, cfg.heads
+    self.encoder = VideoEncoder(
+        hidden_size=d, num_layers=cfg.num_layers, num_heads=cfg.num_attention_heads,
+        mlp_dim=cfg.mlp_dim, tubelet_size=tuple(cfg.tubelet_size),
+        attention_type=cfg.attention.type, attention_options=attention_options(cfg),
+        dropout_rate=cfg.dropout_rate, lora=lora_spec(cfg), remat_policy=self.remat_policy,
+        token_merging=MergingSpec.from_config(cfg.token_merging), **kw)
+    self.domain_router = (DomainRouter(dm.num_domains, dm.router.hidden_size,
+                                       dm.router.pool_size, **kw) if uses_router(cfg) else None)
+    self.domain_experts = None
+    if dm.experts.enabled:
+      top_k = dict(hard=1, top_k=dm.router.top_k, soft=0)[dm.router.mode]
+      self.domain_experts = DomainExperts(dm.num_domains, dm.experts.mlp_dim or cfg.mlp_dim,
+                                          top_k=top_k, dropout_rate=dm.experts.dropout_rate,
+                                          **kw)
+    text = dict(hidden_size=d, num_heads=text_heads(cfg), mlp_dim=h.text.mlp_dim or cfg.mlp_dim,
+                dropout_rate=h.text.dropout_rate, **kw)
+    tasks = tuple(h.tasks)
+    self.classification_head = (heads_lib.ClassificationHead(h.num_classes, **kw)
+                                if "classification" in tasks else None)
+    self.detection_head = (heads_lib.DetectionHead(
+        h.num_classes, num_layers=h.detection.num_layers, kernel_size=h.detection.kernel_size,
+        dropout_rate=cfg.dropout_rate, **kw) if "action_detection" in tasks else None)
+    self.qa_head = (heads_lib.QAHead(h.num_answers, h.vocab_size, num_layers=h.qa.num_layers,
+                                     **text) if "video_qa" in tasks else None)
+    self.caption_head = (heads_lib.CaptionDecoder(h.vocab_size, num_layers=h.captioning.num_layers,
+                                                  **text) if "captioning" in tasks else None)
+
+  def encode(self, batch: dict, *, train: bool = False, merge_weights=None) -> dict:
+    """Router, encoder and experts: tokens, token_mask, time_features, domain, router_logits.
+
+    merge_weights: optional (2,) float (motion, saliency) runtime weights of token merging
+    (traced: the progressive schedule changes them without recompiling).
+    """
+    dm = self.config.domain_modules
     inputs = batch["features"] if "features" in batch else batch["video"]
-    domain = batch.get("domain") if cfg.domain_modules.lora.enabled else None
-    enc = encoder(inputs, domain=domain, deterministic=not train)
-    outputs = dict(time_features=enc["time_features"])
-    if "classification" in cfg.heads.tasks:
-      outputs["classification"] = ClassificationHead(
-          cfg.heads.num_classes, self.dtype, param_dtype, name="classification_head")(
-              enc["tokens"], enc["token_mask"])
-    return outputs
+    router_logits = None
+    if self.domain_router is not None:
+      router_logits = self.domain_router(inputs, deterministic=not train)
+    domain = batch.get("domain")
+    if router_logits is not None and dm.use_router_for_lora and not train:
+      domain = router_logits.argmax(-1).astype(jnp.int32)
+    needs_domain = dm.lora.enabled or (dm.experts.enabled and dm.router.mode == "hard")
+    if domain is None and needs_domain:
+      raise ValueError("The batch has no 'domain' ids, which LoRA / hard experts need; set "
+                       "config.model.domain_modules.use_router_for_lora=True to infer them.")
+    enc = self.encoder(inputs, domain=domain if dm.lora.enabled else None,
+                       deterministic=not train, merge_weights=merge_weights)
+    tokens, time_features = enc["tokens"], enc["time_features"]
+    if self.domain_experts is not None:
+      weights = routing_weights(router_logits, dm.router.mode, domain=domain,
+                                top_k=dm.router.top_k, num_domains=dm.num_domains)
+      n = tokens.shape[1]
+      x = jnp.concatenate([tokens, time_features.astype(tokens.dtype)], axis=1)
+      x = self.domain_experts(x, weights, deterministic=not train)
+      tokens, time_features = x[:, :n], x[:, n:]
+    # Pooling over merged tokens weighs each by the grid positions it covers (= grid mean).
+    weights = enc["token_mask"].astype(jnp.float32)
+    if "sizes" in enc:
+      weights = weights * enc["sizes"]
+    return dict(tokens=tokens, token_mask=enc["token_mask"], token_weights=weights,
+                time_features=time_features, domain=domain, router_logits=router_logits)
+
+  def __call__(self, batch: dict[str, jax.Array], *, train: bool = False,
+               merge_weights=None) -> dict:
+    enc = self.encode(batch, train=train, merge_weights=merge_weights)
+    det = not train
+    tokens, mask = enc["tokens"], enc["token_mask"]
+    out = dict(time_features=enc["time_features"])
+    for key in ("domain", "router_logits"):
+      if enc[key] is not None:
+        out[key] = enc[key]
+    if self.classification_head is not None:
+      out["classification"] = self.classification_head(tokens, enc["token_weights"])
+    if self.detection_head is not None:
+      d = self.detection_head(enc["time_features"], deterministic=det)
+      out.update(detection_logits=d["logits"], detection_offsets=d["offsets"])
+    if self.qa_head is not None:
+      out["qa_logits"] = self.qa_head(_get(batch, "questions", "video_qa"), tokens, mask,
+                                      deterministic=det)
+    if self.caption_head is not None:
+      captions = _get(batch, "caption_tokens", "captioning")
+      out["caption_logits"] = self.caption_head(captions[:, :-1], tokens, mask,
+                                                deterministic=det)
+    return out
+
+  def predict(self, batch: dict[str, jax.Array], *, merge_weights=None) -> dict:
+    """Inference for the evaluator (jit-able; see the module docstring for the outputs)."""
+    h = self.config.heads
+    enc = self.encode(batch, train=False, merge_weights=merge_weights)
+    tokens, mask = enc["tokens"], enc["token_mask"]
+    out = {}
+    if enc["domain"] is not None:
+      out["domain"] = enc["domain"]
+    if enc["router_logits"] is not None:
+      out["router_domain"] = enc["router_logits"].argmax(-1).astype(jnp.int32)
+    if self.classification_head is not None:
+      out["classification_logits"] = self.classification_head(tokens, enc["token_weights"])
+    if self.detection_head is not None:
+      d = self.detection_head(enc["time_features"])
+      cfg = h.detection
+      decoded = heads_lib.decode_detections(
+          d["logits"], d["offsets"], _get(batch, "step_times", "action_detection"),
+          _get(batch, "step_duration", "action_detection"), batch.get("duration"),
+          window=cfg.smoothing_window, nms_threshold=cfg.nms_threshold,
+          pre_nms_top_k=cfg.pre_nms_top_k, max_detections=cfg.max_detections,
+          min_score=cfg.min_score)
+      out.update({f"detection_{k}": v for k, v in decoded.items()})
+    if self.qa_head is not None:
+      probs = jax.nn.softmax(self.qa_head(_get(batch, "questions", "video_qa"), tokens, mask))
+      out.update(qa_answer=probs.argmax(-1).astype(jnp.int32), qa_score=probs.max(-1))
+    if self.caption_head is not None:
+      decoder, variables = self.caption_head.unbind()
+      c = h.captioning
+      out["caption_tokens"], out["caption_score"] = heads_lib.generate(
+          decoder, variables, tokens, mask, max_length=c.max_length, beam_size=c.beam_size,
+          alpha=c.length_penalty)
+    return out
+
+
+def _get(batch, key, task):
+  if key not in batch:
+    raise KeyError(f"config.model.heads.tasks includes {task!r} but the batch has no {key!r}.")
+  return batch[key]
 
 
 def build_model(config: ml_collections.ConfigDict) -> HierarchicalVLM:
+  check_model_config(config.model)
   policy = config.training.remat_policy if config.training.gradient_checkpointing else None
   return HierarchicalVLM(ml_collections.FrozenConfigDict(config.model),
                          dtype=compute_dtype(config), remat_policy=policy)
 
 
-def classification_loss(logits, labels, mask):
-  """Mean cross-entropy over examples whose `mask` is True; (loss, accuracy)."""
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-  m = mask.astype(jnp.float32)
-  n = jnp.maximum(m.sum(), 1.0)
-  acc = ((logits.argmax(-1) == labels) * m).sum() / n
-  return (ce * m).sum() / n, acc
-
-
 def compute_losses(outputs: dict, batch: dict, config) -> tuple[jax.Array, dict]:
-  """Weighted sum of the task losses present in `outputs`; (total, metrics)."""
-  weights = config.training.loss_weights
-  metrics, total = {}, 0.0
+  """Weighted sum of the task (and router) losses present in `outputs`; (total, metrics).
+
+  Each task averages over the examples (or QA pairs, caption tokens, positive steps) its
+  mask marks present, and'ed with batch["valid"] when given; a batch where a task is absent
+  everywhere contributes 0 to it. Weights: config.training.loss_weights.
+  """
+  w, h = config.training.loss_weights, config.model.heads
+  valid = batch.get("valid")
+  present = lambda m: m if valid is None else m & valid.reshape(  # noqa: E731
+      valid.shape + (1,) * (m.ndim - 1))
+  metrics, total = {}, jnp.zeros((), jnp.float32)
+
+  def add(task, loss, acc):
+    nonlocal total
+    metrics[f"{task}_loss"], metrics[f"{task}_accuracy"] = loss, acc
+    total = total + w[task] * loss
+
   if "classification" in outputs:
-    loss, acc = classification_loss(outputs["classification"], batch["label"],
-                                     batch["label_mask"])
-    metrics.update(classification_loss=loss, classification_accuracy=acc)
-    total = total + weights.classification * loss
+    add("classification", *heads_lib.classification_loss(
+        outputs["classification"], batch["label"], present(batch["label_mask"])))
+  if "detection_logits" in outputs:
+    d = h.detection
+    det = heads_lib.detection_loss(
+        outputs["detection_logits"], outputs["detection_offsets"], batch, loss=d.loss,
+        focal_alpha=d.focal_alpha, focal_gamma=d.focal_gamma,
+        regression_loss=d.regression_loss, regression_weight=d.regression_weight, mask=valid)
+    add("action_detection", det["total"], det["accuracy"])
+    metrics.update(action_detection_cls_loss=det["cls"], action_detection_reg_loss=det["reg"])
+  if "qa_logits" in outputs:
+    add("video_qa", *heads_lib.qa_loss(outputs["qa_logits"], batch["answers"],
+                                       present(batch["qa_mask"])))
+  if "caption_logits" in outputs:
+    add("captioning", *heads_lib.caption_loss(
+        outputs["caption_logits"], batch["caption_tokens"], present(batch["caption_mask"]),
+        label_smoothing=h.captioning.label_smoothing))
+  if "router_logits" in outputs:
+    supervised = config.model.domain_modules.router.supervised
+    labels = batch.get("domain") if supervised else None
+    r = router_losses(outputs["router_logits"], labels, valid)
+    metrics.update(r)
+    if labels is not None:
+      total = total + w.get("router", 0.0) * r["router_ce_loss"]
+    else:
+      total = total + w.get("router_balance", 0.0) * r["router_balance_loss"]
   metrics["loss"] = total
   return total, metrics

@@ -10,7 +10,8 @@ from hvlm_jax.models.layers import Dtype, dense, layer_norm
 
 
 class ClassificationHead(nn.Module):
-  """tokens (B, N, D), mask (B, N) -> logits (B, C) float32: masked mean -> LN -> linear.
+  """tokens (B, N, D), mask (B, N) bool or float weights -> logits (B, C) float32:
+  (weighted) mean -> LN -> linear.
 
   The linear layer starts at zero (uniform predictions, loss log C at step 0).
   """
