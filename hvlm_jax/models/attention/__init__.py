@@ -6,9 +6,21 @@ Every class is built as `cls(num_heads=..., **options)` and called as
 from __future__ import annotations
 
 from hvlm_jax.models.attention.full import FullAttention
+from hvlm_jax.models.attention.hierarchical import HierarchicalAttention
+from hvlm_jax.models.attention.linear import LinearAttention, PerformerAttention
+from hvlm_jax.models.attention.mamba import MambaLayer
+from hvlm_jax.models.attention.memory import CrossMemoryAttention
+from hvlm_jax.models.attention.sparse import LocalGlobalAttention, StridedAttention
 
 REGISTRY: dict[str, type] = {
     "full": FullAttention,
+    "strided": StridedAttention,
+    "local_global": LocalGlobalAttention,
+    "cross_memory": CrossMemoryAttention,
+    "performer": PerformerAttention,
+    "linear": LinearAttention,
+    "mamba": MambaLayer,
+    "hierarchical": HierarchicalAttention,
 }
 
 
