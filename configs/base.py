@@ -78,34 +78,28 @@ def get_config(arg=None):
   attention.type = args.attention
   attention.causal = False
   attention.full = ml_collections.ConfigDict(dict(implementation="xla"))
-  # One block per type: its constructor options (plus `causal` above). Tokens are time-major
-  # with P = (frame_size / patch)^2 per frame (196 at 224 px and 16 px patches): stride,
-  # window, tokens_per_frame and pool_size default to 196 so patterns align with frames; any
-  # token count works (sequences are padded internally and the padding masked).
-  attention.strided = ml_collections.ConfigDict(dict(stride=196, local=True))
-  attention.local_global = ml_collections.ConfigDict(dict(
-      window=196, global_tokens="frame",  # "frame", "learned" or "none".
-      num_global=1,  # Per frame ("frame") or in total ("learned").
-      tokens_per_frame=196, query_chunk=1024))  # Queries per remat step (bounds memory).
-  attention.cross_memory = ml_collections.ConfigDict(dict(
-      memory_source="pooled",  # Encoder use (no memory given): "pooled" tokens or "learned".
-      pool_size=196, capacity=16,  # Tokens per pooled entry; entries kept (MA-LMM merging).
-      num_slots=16))  # Entries of the "learned" memory.
-  attention.performer = ml_collections.ConfigDict(dict(
-      num_features=256, redraw=True, feature_seed=0, eps=1e-6,
-      chunk_size=64))  # Tokens per chunk of the causal prefix scan.
-  attention.linear = ml_collections.ConfigDict(dict(eps=1e-6, chunk_size=64))
-  attention.mamba = ml_collections.ConfigDict(dict(
-      state_size=16, expand=2, conv_size=4, dt_rank=0,  # dt_rank 0: ceil(hidden_size / 16).
-      bidirectional=True, scan_method="chunked",  # "chunked", "scan" or "associative".
-      chunk_size=128))
-  attention.hierarchical = ml_collections.ConfigDict(dict(
-      window=196, pool_sizes=(49,),  # Coarse levels, e.g. (4, 196); see hierarchical.py.
-      query_chunk=1024))
 
   model.token_merging = tm = ml_collections.ConfigDict()
   tm.enabled = args.merging
+  # Fraction of token-block work removed: mean tokens per block = (1 - ratio) * N.
   tm.target_compression_ratio = 0.5
+  tm.schedule = "decreasing"  # "constant", "decreasing" or "w0,w1,..." (one weight per layer).
+  tm.protect_fraction = 0.1  # Most important tokens (motion/saliency) never merged.
+  tm.importance_weight = 1.0  # Edge score = cosine - importance_weight * max importance.
+  # Default runtime weights of the two importance sources; the encoder call's
+  # `merge_weights=(motion, saliency)` overrides them without recompiling.
+  tm.use_motion = True
+  tm.use_saliency = True
+  tm.motion_source = "flow"  # "flow", "frame_difference" (RLT-style proxy) or "none".
+  tm.features_mode = "similarity"  # Features input: "similarity" (ToMe only) or "off".
+  tm.flow = ml_collections.ConfigDict(dict(
+      levels=3, iterations=5, window_sigma=2.0,
+      cells_per_token=8,  # Flow resolution: grid * cells_per_token pixels per side.
+      min_motion=0.5))  # Pixels; motion scores are m / max(max m, min_motion) per clip.
+  tm.saliency = ml_collections.ConfigDict(dict(
+      edge=1.0, color_contrast=1.0, spectral_residual=1.0, center_prior=0.5,
+      attention=0.0,  # Attention-entropy saliency on the tokens at each merge (vid-TLDR).
+      attention_keys=128, cells_per_token=4))
 
   model.domain_modules = dm = ml_collections.ConfigDict()
   dm.num_domains = 4  # = len(data.domains).

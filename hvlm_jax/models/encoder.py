@@ -5,6 +5,13 @@ turns a clip (B, T, H, W, C) into a (T/t) x (H/p * W/p) grid of tokens, plus fac
 position embeddings (one table over time, one over space, summed). Tokens are laid out
 time-major, token index = time * P + space, so frame-local attention is a reshape.
 Each pre-LN block's attention comes from `hvlm_jax.models.attention.REGISTRY` by name.
+
+With `token_merging` (a `MergingSpec`), r_l tokens are merged before block l (ToMe-style
+bipartite matching steered by optical-flow motion and saliency of the input clip, see
+hvlm_jax/models/token_merging), and each block's attention gets key_bias = log(token size)
+(proportional attention). Merged sequences stay sorted by anchor, so they remain time-major.
+In features mode (inputs (B, T, F)) merging uses token similarity only (no pixels to take
+motion or saliency from), or is skipped with `features_mode="off"`.
 """
 from __future__ import annotations
 
@@ -17,6 +24,10 @@ from flax import linen as nn
 from hvlm_jax.models import attention as attention_lib
 from hvlm_jax.models.domain.lora import LoRASpec, lora_dense
 from hvlm_jax.models.layers import Dtype, layer_norm, partitioned
+from hvlm_jax.models.token_merging import MergingSpec
+from hvlm_jax.models.token_merging import merging as merging_lib
+from hvlm_jax.models.token_merging.flow import token_motion
+from hvlm_jax.models.token_merging.saliency import token_saliency
 
 # Names accepted by training.remat_policy.
 REMAT_POLICIES = {
@@ -77,13 +88,23 @@ class EncoderBlock(nn.Module):
 class VideoEncoder(nn.Module):
   """Clip -> tokens and per-time-step features.
 
-  Call: `(inputs, *, domain=None, deterministic=True) -> dict` where `inputs` is a clip
-  (B, T, H, W, C) (uint8 in [0, 255] or float in [0, 1]) or precomputed features (B, T, F)
-  (features mode: the tubelet embedding is replaced by a linear projection, one token per
-  time step). Returns
-    tokens:        (B, N, D) final tokens, N = T' * P (T' = T / t, P = (H / p) * (W / p)).
-    token_mask:    (B, N) bool.
-    time_features: (B, T', D) tokens averaged over space per time step.
+  Call: `(inputs, *, domain=None, deterministic=True, merge_weights=None) -> dict` where
+  `inputs` is a clip (B, T, H, W, C) (uint8 in [0, 255] or float in [0, 1]) or precomputed
+  features (B, T, F) (features mode: the tubelet embedding is replaced by a linear
+  projection, one token per time step). `merge_weights`: optional (2,) or (B, 2) float
+  runtime weights (motion, saliency) of merge importance; None takes the spec's use_motion /
+  use_saliency. Being traced values, changing them does not recompile. Returns
+    tokens:        (B, N', D) final tokens; N' = N = T' * P without merging (T' = T / t,
+                   P = (H / p) * (W / p)), N' = N - sum(r_l) with it.
+    token_mask:    (B, N') bool.
+    time_features: (B, T', D) per time step, the mean over the P grid positions of that step
+                   of the token covering each position (size-weighted pooling by source).
+    grid:          (T', P).
+  and with merging also
+    sizes:         (B, N') float32 grid positions per token.
+    assignment:    (B, N) int32 final token of every grid position (unmerge_to_grid).
+    positions:     (B, N', 3) float32 centroid (time, row, column) of each token, grid units.
+    motion, saliency: (B, N) float32 per-position scores in [0, 1] (clip mode, when used).
   """
   hidden_size: int
   num_layers: int
@@ -95,11 +116,12 @@ class VideoEncoder(nn.Module):
   dropout_rate: float = 0.0
   lora: LoRASpec | None = None
   remat_policy: str | None = None  # None: no rematerialisation.
+  token_merging: MergingSpec | None = None  # None: no merging.
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, inputs, *, domain=None, deterministic=True):
+  def __call__(self, inputs, *, domain=None, deterministic=True, merge_weights=None):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     tokens, grid = self.embed(inputs)
     b, t, p, d = tokens.shape
@@ -112,19 +134,59 @@ class VideoEncoder(nn.Module):
     tokens = tokens + (time_pos[:, None, :] + space_pos[None, :, :]).astype(self.dtype)
     x = tokens.reshape(b, t * p, d)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
-    mask = jnp.ones((b, t * p), bool)
+
+    spec = self.token_merging
+    merging = spec is not None and (inputs.ndim == 5 or spec.features_mode != "off")
+    extras = {}
+    if merging:
+      rs = merging_lib.merge_schedule(t * p, self.num_layers, spec.target_compression_ratio,
+                                      spec.schedule, spec.protect_fraction)
+      grid3 = (t, inputs.shape[2] // self.tubelet_size[1],
+               inputs.shape[3] // self.tubelet_size[2]) if inputs.ndim == 5 else (t, 1, 1)
+      extras = self.importance(inputs) if inputs.ndim == 5 else {}
+      state = merging_lib.init_state(b, t * p, extras.get("motion"), extras.get("saliency"))
+      if merge_weights is None:
+        merge_weights = jnp.asarray([spec.use_motion, spec.use_saliency], jnp.float32)
+      merge_weights = jnp.asarray(merge_weights, jnp.float32)
+      step_kw = dict(motion_weight=merge_weights[..., 0], saliency_weight=merge_weights[..., 1],
+                     protect_fraction=spec.protect_fraction,
+                     importance_weight=spec.importance_weight,
+                     attention_share=spec.attention_share, attention_keys=spec.attention_keys)
 
     block_cls = EncoderBlock
     if self.remat_policy:
       block_cls = nn.remat(EncoderBlock, policy=REMAT_POLICIES[self.remat_policy],
                            static_argnums=(5,))
+    key_bias = None
     for i in range(self.num_layers):
+      if merging and rs[i]:
+        x, state = merging_lib.merge_step(x, state, rs[i], grid3, **step_kw)
+        key_bias = jnp.log(state.sizes)  # Proportional attention (ToMe).
+      mask = jnp.ones(x.shape[:2], bool)
       x = block_cls(self.num_heads, self.mlp_dim, self.attention_type, self.attention_options,
                     self.dropout_rate, self.lora, name=f"block_{i}", **kw)(
-                        x, mask, None, domain, deterministic)
+                        x, mask, key_bias, domain, deterministic)
     x = layer_norm("ln_final", **kw)(x)
-    time_features = x.reshape(b, t, p, d).mean(axis=2)
-    return dict(tokens=x, token_mask=mask, time_features=time_features, grid=grid)
+    mask = jnp.ones(x.shape[:2], bool)
+    full = merging_lib.unmerge_to_grid(x, state.assignment) if merging else x
+    time_features = full.reshape(b, t, p, d).mean(axis=2)
+    out = dict(tokens=x, token_mask=mask, time_features=time_features, grid=grid)
+    if merging:
+      out.update(extras, sizes=state.sizes, assignment=state.assignment,
+                 positions=merging_lib.token_positions(state, grid3))
+    return out
+
+  def importance(self, clip) -> dict:
+    """Per-grid-position motion and saliency scores (B, N) in [0, 1] of a clip (B, T, H, W, C)."""
+    spec, out = self.token_merging, {}
+    if spec.motion_source != "none":
+      out["motion"] = token_motion(clip, self.tubelet_size, source=spec.motion_source,
+                                   cells_per_token=spec.flow_cells_per_token,
+                                   min_motion=spec.min_motion, flow_options=spec.flow_options)
+    if any(w > 0 for _, w in spec.saliency_weights):
+      out["saliency"] = token_saliency(clip, self.tubelet_size, spec.pixel_weights,
+                                       cells_per_token=spec.saliency_cells_per_token)
+    return out
 
   def embed(self, inputs):
     """(B, T, H, W, C) clip or (B, T, F) features -> (B, T', P, D) tokens and (T', P)."""

@@ -182,22 +182,26 @@ def merge(matching: Matching, x: jax.Array, sizes: jax.Array | None = None,
   """
   if matching.src.shape[1] == 0:
     return x
-  dtype = x.dtype
+  dtype, batch = x.dtype, jnp.arange(x.shape[0])[:, None]
   v = x.astype(jnp.float32)
-  if mode == "mean":
+  xa, xb = _take(v, matching.a_idx), _take(v, matching.b_idx)
+  if mode == "max":
+    xb = xb.at[batch, matching.dst].max(_take(xa, matching.src))
+  elif mode == "sum":
+    xb = xb.at[batch, matching.dst].add(_take(xa, matching.src))
+  elif mode == "mean":
     s = jnp.ones(x.shape[:2], jnp.float32) if sizes is None else sizes.astype(jnp.float32)
     s = s.reshape(s.shape + (1,) * (x.ndim - 2))
-    v = v * s
-  xa, xb = _take(v, matching.a_idx), _take(v, matching.b_idx)
-  moved = _take(xa, matching.src)
-  scatter = {"mean": lambda t, i, u: t.at[i].add(u), "sum": lambda t, i, u: t.at[i].add(u),
-             "max": lambda t, i, u: t.at[i].max(u)}[mode]
-  xb = jax.vmap(scatter)(xb, matching.dst, moved)
-  pre = jnp.concatenate([_take(xa, matching.unm), xb], axis=1)
-  if mode == "mean":
     sa, sb = _take(s, matching.a_idx), _take(s, matching.b_idx)
-    sb = jax.vmap(scatter)(sb, matching.dst, _take(sa, matching.src))
-    pre = pre / jnp.concatenate([_take(sa, matching.unm), sb], axis=1)
+    sa_src = _take(sa, matching.src)
+    total = sb.at[batch, matching.dst].add(sa_src)
+    summed = (xb * sb).at[batch, matching.dst].add(_take(xa, matching.src) * sa_src)
+    received = jnp.zeros(sb.shape, bool).at[batch, matching.dst].set(True)
+    # Tokens that absorbed nothing are passed through bit-exactly (no x * s / s rounding).
+    xb = jnp.where(received, summed / total, xb)
+  else:
+    raise ValueError(f"Unknown merge mode {mode!r}; expected 'mean', 'sum' or 'max'.")
+  pre = jnp.concatenate([_take(xa, matching.unm), xb], axis=1)
   return _take(pre, matching.order).astype(dtype)
 
 
