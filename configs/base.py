@@ -78,6 +78,30 @@ def get_config(arg=None):
   attention.type = args.attention
   attention.causal = False
   attention.full = ml_collections.ConfigDict(dict(implementation="xla"))
+  # One block per type: its constructor options (plus `causal` above). Tokens are time-major
+  # with P = (frame_size / patch)^2 per frame (196 at 224 px and 16 px patches): stride,
+  # window, tokens_per_frame and pool_size default to 196 so patterns align with frames; any
+  # token count works (sequences are padded internally and the padding masked).
+  attention.strided = ml_collections.ConfigDict(dict(stride=196, local=True))
+  attention.local_global = ml_collections.ConfigDict(dict(
+      window=196, global_tokens="frame",  # "frame", "learned" or "none".
+      num_global=1,  # Per frame ("frame") or in total ("learned").
+      tokens_per_frame=196, query_chunk=1024))  # Queries per remat step (bounds memory).
+  attention.cross_memory = ml_collections.ConfigDict(dict(
+      memory_source="pooled",  # Encoder use (no memory given): "pooled" tokens or "learned".
+      pool_size=196, capacity=16,  # Tokens per pooled entry; entries kept (MA-LMM merging).
+      num_slots=16))  # Entries of the "learned" memory.
+  attention.performer = ml_collections.ConfigDict(dict(
+      num_features=256, redraw=True, feature_seed=0, eps=1e-6,
+      chunk_size=64))  # Tokens per chunk of the causal prefix scan.
+  attention.linear = ml_collections.ConfigDict(dict(eps=1e-6, chunk_size=64))
+  attention.mamba = ml_collections.ConfigDict(dict(
+      state_size=16, expand=2, conv_size=4, dt_rank=0,  # dt_rank 0: ceil(hidden_size / 16).
+      bidirectional=True, scan_method="chunked",  # "chunked", "scan" or "associative".
+      chunk_size=128))
+  attention.hierarchical = ml_collections.ConfigDict(dict(
+      window=196, pool_sizes=(49,),  # Coarse levels, e.g. (4, 196); see hierarchical.py.
+      query_chunk=1024))
 
   model.token_merging = tm = ml_collections.ConfigDict()
   tm.enabled = args.merging
