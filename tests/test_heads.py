@@ -292,3 +292,20 @@ def test_qa_questions_are_independent_and_padding_inert():
   longer = run(params, jnp.pad(q, ((0, 0), (0, 0), (0, 3))), memory)
   np.testing.assert_allclose(longer, base, rtol=1e-5, atol=1e-6)
   assert math.isfinite(float(run(params, jnp.zeros_like(q), memory).sum()))
+
+
+def test_memory_bias_log_size_equals_duplicated_tokens(decoder_setup):
+  """ToMe proportional attention: a token of size 2 with bias log 2 == the token twice."""
+  dec, params, memory, _, tokens = decoder_setup
+  dup = jnp.concatenate([memory, memory[:, :1]], axis=1)  # token 0 appears twice
+  bias = jnp.zeros(memory.shape[:2]).at[:, 0].set(jnp.log(2.0))
+  run = jax.jit(dec.apply)
+  np.testing.assert_allclose(run(params, tokens, memory, None, bias),
+                             run(params, tokens, dup), rtol=1e-4, atol=1e-5)
+  head = heads.QAHead(num_answers=3, vocab_size=12, hidden_size=16, num_layers=1, num_heads=2,
+                      mlp_dim=32)
+  q = jnp.array([[[5, 6, 0], [8, 0, 0]], [[4, 4, 4], [0, 0, 0]]])
+  qa_params = head.init(jax.random.key(0), q, memory)
+  run = jax.jit(head.apply)
+  np.testing.assert_allclose(run(qa_params, q, memory, None, bias), run(qa_params, q, dup),
+                             rtol=1e-4, atol=1e-5)

@@ -80,6 +80,7 @@ def test_all_heads_with_lora_experts_and_router_train_and_predict():
   dm = config.model.domain_modules
   dm.lora.enabled, dm.experts.enabled, dm.router.mode = True, True, "top_k"
   dm.router.top_k = 2
+  config.model.token_merging.enabled = True  # merged tokens: size-weighted heads
   model, batch = model_lib.build_model(config), tiny_batch()
   variables = init(model, batch)
   (loss, metrics), grads = loss_and_grad(model, config)(variables["params"], batch)

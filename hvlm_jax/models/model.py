@@ -171,18 +171,22 @@ class HierarchicalVLM(nn.Module):
       x = jnp.concatenate([tokens, time_features.astype(tokens.dtype)], axis=1)
       x = self.domain_experts(x, weights, deterministic=not train)
       tokens, time_features = x[:, :n], x[:, n:]
-    # Pooling over merged tokens weighs each by the grid positions it covers (= grid mean).
+    # Merged tokens count by the grid positions they cover: size-weighted pooling (= grid
+    # mean) and log(size) on the heads' cross-attention logits (ToMe proportional attention).
     weights = enc["token_mask"].astype(jnp.float32)
+    bias = None
     if "sizes" in enc:
       weights = weights * enc["sizes"]
+      bias = jnp.log(jnp.maximum(enc["sizes"], 1e-6))
     return dict(tokens=tokens, token_mask=enc["token_mask"], token_weights=weights,
-                time_features=time_features, domain=domain, router_logits=router_logits)
+                token_bias=bias, time_features=time_features, domain=domain,
+                router_logits=router_logits)
 
   def __call__(self, batch: dict[str, jax.Array], *, train: bool = False,
                merge_weights=None) -> dict:
     enc = self.encode(batch, train=train, merge_weights=merge_weights)
     det = not train
-    tokens, mask = enc["tokens"], enc["token_mask"]
+    tokens, mask, bias = enc["tokens"], enc["token_mask"], enc["token_bias"]
     out = dict(time_features=enc["time_features"])
     for key in ("domain", "router_logits"):
       if enc[key] is not None:
@@ -193,11 +197,11 @@ class HierarchicalVLM(nn.Module):
       d = self.detection_head(enc["time_features"], deterministic=det)
       out.update(detection_logits=d["logits"], detection_offsets=d["offsets"])
     if self.qa_head is not None:
-      out["qa_logits"] = self.qa_head(_get(batch, "questions", "video_qa"), tokens, mask,
+      out["qa_logits"] = self.qa_head(_get(batch, "questions", "video_qa"), tokens, mask, bias,
                                       deterministic=det)
     if self.caption_head is not None:
       captions = _get(batch, "caption_tokens", "captioning")
-      out["caption_logits"] = self.caption_head(captions[:, :-1], tokens, mask,
+      out["caption_logits"] = self.caption_head(captions[:, :-1], tokens, mask, bias,
                                                 deterministic=det)
     return out
 
@@ -205,7 +209,7 @@ class HierarchicalVLM(nn.Module):
     """Inference for the evaluator (jit-able; see the module docstring for the outputs)."""
     h = self.config.heads
     enc = self.encode(batch, train=False, merge_weights=merge_weights)
-    tokens, mask = enc["tokens"], enc["token_mask"]
+    tokens, mask, bias = enc["tokens"], enc["token_mask"], enc["token_bias"]
     out = {}
     if enc["domain"] is not None:
       out["domain"] = enc["domain"]
@@ -224,13 +228,14 @@ class HierarchicalVLM(nn.Module):
           min_score=cfg.min_score)
       out.update({f"detection_{k}": v for k, v in decoded.items()})
     if self.qa_head is not None:
-      probs = jax.nn.softmax(self.qa_head(_get(batch, "questions", "video_qa"), tokens, mask))
+      probs = jax.nn.softmax(self.qa_head(_get(batch, "questions", "video_qa"), tokens, mask,
+                                          bias))
       out.update(qa_answer=probs.argmax(-1).astype(jnp.int32), qa_score=probs.max(-1))
     if self.caption_head is not None:
       decoder, variables = self.caption_head.unbind()
       c = h.captioning
       out["caption_tokens"], out["caption_score"] = heads_lib.generate(
-          decoder, variables, tokens, mask, max_length=c.max_length, beam_size=c.beam_size,
+          decoder, variables, tokens, mask, bias, max_length=c.max_length, beam_size=c.beam_size,
           alpha=c.length_penalty)
     return out
 

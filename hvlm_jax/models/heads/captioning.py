@@ -26,8 +26,10 @@ PAD, UNK, BOS, EOS = 0, 1, 2, 3  # Word vocabulary ids fixed by the data pipelin
 class CaptionDecoder(nn.Module):
   """Causal text decoder cross-attending to video tokens.
 
-  __call__(tokens (B, L) int32, memory (B, N, D), memory_mask (B, N) bool) -> logits
-  (B, L, V) float32, logits[:, i] predicting token i + 1 from tokens[:, :i + 1].
+  __call__(tokens (B, L) int32, memory (B, N, D), memory_mask (B, N) bool, memory_bias
+  (B, N) float or None) -> logits (B, L, V) float32, logits[:, i] predicting token i + 1
+  from tokens[:, :i + 1]. memory_bias is added to the cross-attention logits of each video
+  token (log of its size when tokens were merged).
   """
   vocab_size: int
   hidden_size: int
@@ -57,24 +59,25 @@ class CaptionDecoder(nn.Module):
   def _logits(self, x):
     return self.embed.attend(self.ln_final(x)).astype(jnp.float32)
 
-  def __call__(self, tokens, memory, memory_mask=None, *, deterministic=True):
+  def __call__(self, tokens, memory, memory_mask=None, memory_bias=None, *,
+               deterministic=True):
     x = self._embed(tokens, jnp.arange(tokens.shape[1]))
     x = self.drop(x, deterministic=deterministic)
     mask = causal_mask(tokens.shape[1])
     for layer in self.layers:
-      x = layer(x, mask, memory, memory_mask, deterministic=deterministic)
+      x = layer(x, mask, memory, memory_mask, memory_bias, deterministic=deterministic)
     return self._logits(x)
 
   def cross_kv(self, memory):
     """Per-layer cross-attention keys/values of the video, computed once per clip."""
     return [layer.cross_kv(memory) for layer in self.layers]
 
-  def step(self, tokens, index, cache, cross_kv, memory_mask=None):
+  def step(self, tokens, index, cache, cross_kv, memory_mask=None, memory_bias=None):
     """tokens (R,) at position `index` -> (logits (R, V) float32, cache); R = B * G."""
     x = self._embed(tokens[:, None], jnp.full((1,), index))
     new_cache = []
     for layer, c, kv in zip(self.layers, cache, cross_kv):
-      x, c = layer.step(x, index, c, kv, memory_mask)
+      x, c = layer.step(x, index, c, kv, memory_mask, memory_bias)
       new_cache.append(c)
     return self._logits(x)[:, 0], new_cache
 
@@ -85,13 +88,13 @@ class CaptionDecoder(nn.Module):
             for _ in range(self.num_layers)]
 
 
-def generate(decoder: CaptionDecoder, variables, memory, memory_mask=None, *,
-             max_length: int, beam_size: int = 1, alpha: float = 0.0):
+def generate(decoder: CaptionDecoder, variables, memory, memory_mask=None, memory_bias=None,
+             *, max_length: int, beam_size: int = 1, alpha: float = 0.0):
   """Captions for a batch of clips, jit-able.
 
   Args:
     decoder: an unbound CaptionDecoder; variables: its {"params": ...}.
-    memory: (B, N, D) video tokens; memory_mask: (B, N) bool.
+    memory: (B, N, D) video tokens; memory_mask: (B, N) bool; memory_bias: (B, N) or None.
     max_length: generated tokens (eos included); beam_size 1 is greedy decoding.
     alpha: GNMT length-penalty exponent for beam search.
   Returns:
@@ -102,7 +105,7 @@ def generate(decoder: CaptionDecoder, variables, memory, memory_mask=None, *,
   cache = decoder.init_cache(b * beam_size, max_length)
 
   def step_fn(tokens, index, cache):
-    return decoder.apply(variables, tokens, index, cache, cross, memory_mask,
+    return decoder.apply(variables, tokens, index, cache, cross, memory_mask, memory_bias,
                          method=CaptionDecoder.step)
 
   if beam_size == 1:

@@ -26,8 +26,8 @@ def masked_mean(x, mask, axis):
 
 
 class QAHead(nn.Module):
-  """questions (B, Q, Lq) int32 (0 = pad), memory (B, N, D), memory_mask (B, N) ->
-  answer logits (B, Q, A) float32."""
+  """questions (B, Q, Lq) int32 (0 = pad), memory (B, N, D), memory_mask (B, N) bool,
+  memory_bias (B, N) float or None (log token sizes) -> answer logits (B, Q, A) float32."""
   num_answers: int
   vocab_size: int
   hidden_size: int
@@ -39,7 +39,8 @@ class QAHead(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, questions, memory, memory_mask=None, *, deterministic=True):
+  def __call__(self, questions, memory, memory_mask=None, memory_bias=None, *,
+               deterministic=True):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     b, q, lq = questions.shape
     d = self.hidden_size
@@ -53,12 +54,14 @@ class QAHead(nn.Module):
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
     for i in range(self.num_layers):
       x = TextLayer(d, self.num_heads, self.mlp_dim, cross=True, dropout_rate=self.dropout_rate,
-                    name=f"layer_{i}", **kw)(x, self_mask, memory, memory_mask,
+                    name=f"layer_{i}", **kw)(x, self_mask, memory, memory_mask, memory_bias,
                                              deterministic=deterministic)
     x = layer_norm("ln_final", **kw)(x)
     pooled_q = masked_mean(x.reshape(b, q, lq, d), real.reshape(b, q, lq), axis=2)
-    vmask = jnp.ones(memory.shape[:2], bool) if memory_mask is None else memory_mask
-    pooled_v = layer_norm("ln_video", **kw)(masked_mean(memory, vmask, axis=1))
+    vw = jnp.ones(memory.shape[:2]) if memory_mask is None else memory_mask.astype(jnp.float32)
+    if memory_bias is not None:
+      vw = vw * jnp.exp(memory_bias.astype(jnp.float32))  # size-weighted: the grid mean
+    pooled_v = layer_norm("ln_video", **kw)(masked_mean(memory, vw, axis=1))
     h = jnp.concatenate([pooled_q, jnp.broadcast_to(pooled_v[:, None], pooled_q.shape)], -1)
     h = nn.gelu(dense(self.mlp_dim, ("embed", "mlp"), name="mlp", **kw)(h))
     h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)

@@ -33,14 +33,17 @@ def sinusoidal_positions(positions: jax.Array, dim: int) -> jax.Array:
   return jnp.pad(enc, [(0, 0)] * (enc.ndim - 1) + [(0, dim - 2 * half)])
 
 
-def masked_attention(q, k, v, mask):
+def masked_attention(q, k, v, mask, bias=None):
   """Softmax attention with a boolean mask; statistics in float32.
 
   q: (B, Lq, H, Dh); k, v: (B, Lk, H, Dh); mask: broadcastable to (B, Lq, Lk), True where a
-  query may attend a key. Returns (B, Lq, H, Dh) in v's dtype. Time and memory O(Lq Lk H):
-  fine for text (tens of tokens) against video tokens.
+  query may attend a key; bias: optional (B, Lk) float added to every logit of a key (log
+  token size for merged video tokens: ToMe's proportional attention). Returns (B, Lq, H, Dh)
+  in v's dtype. Time and memory O(Lq Lk H): fine for text (tens of tokens) against video.
   """
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)[:, None, None, :]
   logits = jnp.where(mask[:, None], logits, NEG_INF)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
@@ -83,13 +86,15 @@ class TextLayer(nn.Module):
     return tuple(split_heads(f(h), self.num_heads)
                  for f in (self.self_query, self.self_key, self.self_value))
 
-  def __call__(self, x, self_mask, memory=None, memory_mask=None, *, deterministic=True):
-    """x: (B*G, L, D); self_mask: broadcastable to (B*G, L, L); memory: (B, N, D)."""
+  def __call__(self, x, self_mask, memory=None, memory_mask=None, memory_bias=None, *,
+               deterministic=True):
+    """x: (B*G, L, D); self_mask: broadcastable to (B*G, L, L); memory: (B, N, D);
+    memory_mask: (B, N) bool; memory_bias: (B, N) float logit bias per video token."""
     q, k, v = self._self_qkv(x)
     x = x + self._dropout(self.self_out(merge_heads(masked_attention(q, k, v, self_mask))),
                           deterministic)
     if self.cross:
-      x = self._cross(x, self.cross_kv(memory), memory_mask, deterministic)
+      x = self._cross(x, self.cross_kv(memory), memory_mask, memory_bias, deterministic)
     return self._mlp(x, deterministic)
 
   def cross_kv(self, memory):
@@ -97,7 +102,7 @@ class TextLayer(nn.Module):
     return tuple(split_heads(f(memory), self.num_heads)
                  for f in (self.cross_key, self.cross_value))
 
-  def step(self, x, index, cache, cross_kv=None, memory_mask=None):
+  def step(self, x, index, cache, cross_kv=None, memory_mask=None, memory_bias=None):
     """One token per sequence at position `index`, deterministic.
 
     x: (B*G, 1, D); index: int32 scalar; cache: dict k, v (B*G, L_max, H, Dh) holding the
@@ -113,17 +118,17 @@ class TextLayer(nn.Module):
     y = masked_attention(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype), visible)
     x = x + self.self_out(merge_heads(y))
     if self.cross:
-      x = self._cross(x, cross_kv, memory_mask, True)
+      x = self._cross(x, cross_kv, memory_mask, memory_bias, True)
     return self._mlp(x, True), cache
 
-  def _cross(self, x, kv, memory_mask, deterministic):
+  def _cross(self, x, kv, memory_mask, memory_bias, deterministic):
     bg, length, d = x.shape
     k, v = kv
     b = k.shape[0]
     q = split_heads(self.cross_query(self.ln_cross(x)), self.num_heads)
     q = q.reshape(b, (bg // b) * length, *q.shape[2:])  # (B, G*L, H, Dh): share the video.
     mask = (jnp.ones(k.shape[:2], bool) if memory_mask is None else memory_mask)[:, None, :]
-    y = masked_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+    y = masked_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, memory_bias)
     y = self.cross_out(merge_heads(y.reshape(bg, length, *y.shape[2:])))
     return x + self._dropout(y, deterministic)
 
