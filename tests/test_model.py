@@ -167,3 +167,20 @@ def test_unknown_task_is_a_config_error():
   config = tiny_config(tasks=("classification", "segmentation"))
   with pytest.raises(Exception, match="config.model.heads.tasks"):
     model_lib.build_model(config)
+
+
+def test_router_loss_is_supervised_or_load_balancing():
+  config = tiny_config(tasks=("classification",))
+  logits = jnp.log(jnp.array([[0.7, 0.1, 0.1, 0.1], [0.2, 0.6, 0.1, 0.1]]))
+  outputs = dict(classification=jnp.zeros((B, C)), router_logits=logits)
+  batch = tiny_batch()
+  w = config.training.loss_weights
+  total, m = model_lib.compute_losses(outputs, batch, config)
+  ce = -(np.log(0.7) + np.log(0.1)) / 2  # domains [0, 2]
+  assert float(total) == pytest.approx(w.classification * np.log(C) + w.router * ce, rel=1e-5)
+  config.model.domain_modules.router.supervised = False
+  total, m = model_lib.compute_losses(outputs, batch, config)
+  assert "router_ce_loss" not in m
+  balance = 4 * (0.5 * 0.45 + 0.5 * 0.35)  # Switch: E * sum_i f_i P_i
+  assert float(total) == pytest.approx(w.classification * np.log(C) +
+                                       w.router_balance * balance, rel=1e-5)
