@@ -116,13 +116,11 @@ def _segment_distance(points: np.ndarray, q) -> float:
 def _sample_events(rng, duration: float, n_obj: int) -> list[dict]:
   slots = int(round(duration / QUANTUM))
   lengths = [2, 3, 4, 5]  # In quanta: 1.0 to 2.5 s.
-  k = 2 if slots >= 4 and rng.random() < 0.6 else 1
+  k = 2 if slots >= lengths[0] + lengths[1] and rng.random() < 0.6 else 1
+  lengths = [n for n in lengths if n <= slots] or [max(slots, 1)]
   while True:
     durs = [int(rng.choice(lengths)) for _ in range(k)]
-    if sum(durs) <= slots and len(set(durs)) == k:  # Distinct lengths: a unique clip label.
-      break
-    if k == 1 and durs[0] > slots:
-      durs = [min(slots, 2)]
+    if sum(durs) <= max(slots, 1) and len(set(durs)) == k:  # Distinct: a unique clip label.
       break
   labels: list[str] = []
   for j in range(k):
