@@ -88,10 +88,15 @@ def test_moving_object_keeps_more_tokens_than_the_same_object_static(encoded, we
   assert kept(out, 3, path) > kept(out, 2, path) + margin
 
 
-def test_motion_switch_moves_merges_out_of_the_moving_region(encoded):
-  path = object_positions(SMALL_BOX, SMALL_BOX[1] + 2 * (T - 1))
-  assert kept(encoded["motion_only"], 3, path) > kept(encoded["neither"], 3, path)
-  assert kept(encoded["motion_only"], 3, ~path) < kept(encoded["neither"], 3, ~path)
+def test_motion_switch_keeps_moving_positions_out_of_merges(encoded):
+  motion = np.asarray(encoded["neither"]["motion"][3])  # Scores do not depend on weights.
+
+  def merged(name):
+    out = encoded[name]
+    return np.asarray(out["sizes"][3])[np.asarray(out["assignment"][3])] > 1
+
+  assert motion[merged("neither")].max() > 0.3  # Similarity alone merges a moving token...
+  assert motion[merged("motion_only")].max() < 0.1  # ...motion importance prevents it.
 
 
 def test_motion_scores_follow_the_clip(encoded):

@@ -246,19 +246,22 @@ def pool_to_grid(maps: jax.Array, grid_hw: tuple[int, int]) -> jax.Array:
 
 def token_motion(clip: jax.Array, tubelet: tuple[int, int, int], *, source: str = "flow",
                  cells_per_token: int = 8, min_motion: float = 0.5,
-                 min_difference: float = 0.05, flow_options: dict | None = None) -> jax.Array:
+                 min_difference: float = 0.05, change_floor: float = 0.02,
+                 flow_options: dict | None = None) -> jax.Array:
   """Per-token motion score in [0, 1] on the tubelet grid, normalised per sample.
 
   Args:
     clip: (B, T, H, W, C) uint8 or float in [0, 1].
     tubelet: (t, p, q) tubelet size; the grid is (T/t, H/p, W/q).
     source: "flow" (mean optical-flow magnitude, in pixels of the input frame, over the
-      token's patch and frame pairs) or "frame_difference" (mean |frame[t+1] - frame[t]|
+      token's patch and frame pairs, gated by visible change) or "frame_difference" (mean |frame[t+1] - frame[t]|
       of the patch, in [0, 1] intensity).
     cells_per_token: flow is computed on frames resized to (grid * cells_per_token) per side.
     min_motion: the flow score is m / max(max_sample(m), min_motion) (pixels), so a static
       clip with sub-threshold noise scores near 0 instead of being stretched to [0, 1].
     min_difference: the same floor for "frame_difference" (intensity in [0, 1]).
+    change_floor: flow counts fully where the locally blurred |frame[t+1] - frame[t]| reaches
+      this intensity, proportionally below it, and not at all where nothing changes.
     flow_options: passed to `flow_pairs`.
 
   Returns:
@@ -275,9 +278,12 @@ def token_motion(clip: jax.Array, tubelet: tuple[int, int, int], *, source: str 
     small = resize(gray, size) if size[0] < h else gray
     scale = w / small.shape[-1]  # Flow back in input-frame pixels.
     p, q = small[:, jnp.asarray(prev)], small[:, jnp.asarray(nxt)]
-    fl = flow_pairs(p.reshape(-1, *small.shape[-2:]), q.reshape(-1, *small.shape[-2:]),
-                    **(flow_options or {}))
-    mag = jnp.linalg.norm(fl, axis=-1) * scale
+    p, q = p.reshape(-1, *small.shape[-2:]), q.reshape(-1, *small.shape[-2:])
+    fl = flow_pairs(p, q, **(flow_options or {}))
+    # LK keeps the coarse-level estimate where there is no texture, which smears an object's
+    # motion over a flat background; count flow only where the frames visibly change.
+    change = jnp.clip(gaussian_blur(jnp.abs(q - p), 1.0) / change_floor, 0.0, 1.0)
+    mag = jnp.sqrt((fl ** 2).sum(-1) + 1e-12) * change * scale
   elif source == "frame_difference":
     mag = jnp.abs(gray[:, jnp.asarray(nxt)] - gray[:, jnp.asarray(prev)])
   else:
