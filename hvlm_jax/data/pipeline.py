@@ -54,7 +54,8 @@ class ClipReader:
     self.augment = data.augment.to_dict()
     self.features_dim = data.features_dim
     self.memory_budget = int(data.memory_cache_mb) << 20
-    self.cache = CacheReader(data.cache_dir, split.name, config) if self.mode == "cache" else None
+    use_cache = self.mode == "cache" or (self.mode == "features" and data.cache_dir)
+    self.cache = CacheReader(data.cache_dir, split.name, config) if use_cache else None
     self._memory: dict[str, tuple] = {}
     self._memory_bytes = 0
 
