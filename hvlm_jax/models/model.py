@@ -42,12 +42,6 @@ from hvlm_jax.models.encoder import VideoEncoder
 from hvlm_jax.models.token_merging import MergingSpec
 
 TASKS = ("classification", "action_detection", "video_qa", "captioning")
-# Batch keys each task reads (besides the input).
-TASK_KEYS = dict(classification=("label", "label_mask"),
-                 action_detection=("action_targets", "action_offsets", "action_mask",
-                                   "step_times", "step_duration"),
-                 video_qa=("questions", "answers", "qa_mask"),
-                 captioning=("caption_tokens", "caption_mask"))
 
 
 def compute_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
