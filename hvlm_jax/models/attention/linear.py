@@ -120,11 +120,19 @@ def _key_terms(mask, key_bias, shape):
 
 # ----- Performer -------------------------------------------------------------------------------
 def orthogonal_features(key: jax.Array, num_features: int, dim: int) -> jax.Array:
-  """(m, d) FAVOR+ projection: stacked orthogonal (QR) blocks, rows scaled to chi(d) norms."""
+  """(m, d) FAVOR+ projection: stacked Haar-orthogonal blocks, rows scaled to chi(d) norms.
+
+  Each row is marginally N(0, I_d), as the unbiased positive random features need; rows
+  within a block of d are exactly orthogonal (the ORF variance reduction).
+  """
   blocks = math.ceil(num_features / dim)
   keys = jax.random.split(key, blocks + 1)
-  rows = [jnp.linalg.qr(jax.random.normal(k, (dim, dim), jnp.float32))[0].T
-          for k in keys[:blocks]]
+  rows = []
+  for k in keys[:blocks]:
+    q, r = jnp.linalg.qr(jax.random.normal(k, (dim, dim), jnp.float32))
+    # Householder QR fixes the signs of R's diagonal, which biases Q (e.g. every first
+    # column points the same way); flipping by sign(diag R) makes Q Haar (Mezzadri, 2007).
+    rows.append((q * jnp.sign(jnp.diagonal(r))[None, :]).T)
   norms = jnp.linalg.norm(jax.random.normal(keys[-1], (num_features, dim), jnp.float32), axis=1)
   return jnp.concatenate(rows)[:num_features] * norms[:, None]
 

@@ -1,0 +1,147 @@
+"""Performer (FAVOR+) and linear attention against their kernels written quadratically
+(phi(Q) phi(K)^T V, normalised, causal by masking), FAVOR+ against exact softmax attention as
+the feature count grows, and the random-feature draw (orthogonality, redraw, fixed eval)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hvlm_jax.models.attention import linear
+
+B, N, H, DH = 2, 29, 2, 8
+
+
+def inputs(seed=0, scale=1.0):
+  rng = np.random.default_rng(seed)
+  q, k, v = (scale * rng.normal(size=(B, N, H, DH)).astype(np.float32) for _ in range(3))
+  key_bias = (0.5 * rng.normal(size=(B, N))).astype(np.float32)
+  mask = np.arange(N)[None] < np.array([[N], [N - 7]])
+  mask[1, 3] = False  # A hole in the middle as well as trailing padding.
+  return q, k, v, key_bias, mask
+
+
+def quadratic_favor(q, k, v, w_proj, key_bias, mask, eps, causal):
+  """FAVOR+ kernel as an explicit N x N matrix (float64). phi(q) = exp(w.q' - |q'|^2/2 -
+  max_f) + eps; key j's features exp(w.k' - |k'|^2/2 + key_bias_j - C_i) + eps exp(key_bias_j)
+  with C_i the max over the keys query i sees (the shared stabiliser cancels)."""
+  q, k, v, w_proj = (np.asarray(t, np.float64) for t in (q, k, v, w_proj))
+  d = q.shape[-1]
+  qs, ks = q * d ** -0.25, k * d ** -0.25
+  lq = np.einsum("bnhd,md->bnhm", qs, w_proj) - 0.5 * (qs ** 2).sum(-1, keepdims=True)
+  phi_q = np.exp(lq - lq.max(-1, keepdims=True)) + eps
+  log_w = np.where(mask, key_bias, -np.inf)
+  lk = (np.einsum("bnhd,md->bnhm", ks, w_proj) - 0.5 * (ks ** 2).sum(-1, keepdims=True)
+        + log_w[:, :, None, None])
+  out = np.zeros(q.shape)
+  for i in range(q.shape[1]):
+    js = np.arange(i + 1) if causal else np.arange(q.shape[1])
+    c = lk[:, js].max(axis=(1, 3))  # (B, H)
+    phi_k = np.exp(lk[:, js] - c[:, None, :, None]) + eps * np.exp(log_w[:, js])[..., None, None]
+    a = np.einsum("bhm,bjhm->bhj", phi_q[:, i], phi_k)
+    out[:, i] = np.einsum("bhj,bjhd->bhd", a, v[:, js]) / a.sum(-1)[..., None]
+  return out
+
+
+def quadratic_linear(q, k, v, key_bias, mask, eps, causal):
+  """Katharopoulos et al. (2020), Eq. 6 / 9: phi = elu + 1, phi(k) scaled by exp(key_bias)."""
+  q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
+  phi = lambda x: np.where(x > 0, x + 1.0, np.exp(x))
+  a = np.einsum("bqhd,bkhd->bhqk", phi(q), phi(k))
+  a = a * np.where(mask, np.exp(key_bias), 0.0)[:, None, None, :]
+  if causal:
+    a = np.tril(a)
+  return np.einsum("bhqk,bkhd->bqhd", a, v) / (a.sum(-1) + eps).transpose(0, 2, 1)[..., None]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("chunk", [5, 64])
+def test_favor_equals_its_quadratic_kernel(causal, chunk):
+  q, k, v, key_bias, mask = inputs(0)
+  w_proj = linear.orthogonal_features(jax.random.key(1), 16, DH)
+  log_w, weight = linear._key_terms(jnp.asarray(mask), jnp.asarray(key_bias), mask.shape)
+  out = linear.favor_attention(q, k, v, w_proj, log_w, weight, causal=causal, eps=1e-3,
+                               chunk_size=chunk)
+  ref = quadratic_favor(q, k, v, w_proj, key_bias, mask, 1e-3, causal)
+  np.testing.assert_allclose(np.asarray(out)[mask], ref[mask], rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_linear_attention_equals_its_quadratic_kernel(causal):
+  q, k, v, key_bias, mask = inputs(1)
+  module = linear.LinearAttention(num_heads=H, causal=causal, chunk_size=6)
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(B, N, H * DH)), jnp.float32)
+  params = module.init(jax.random.key(0), x)
+  out = module.apply(params, x, jnp.asarray(mask), key_bias=jnp.asarray(key_bias))
+  # Reference from the module's own projections.
+  from hvlm_jax.models.attention.common import OutProjection, QKVProjection
+  q, k, v = QKVProjection(H).apply({"params": params["params"]["qkv"]}, x)
+  y = quadratic_linear(q, k, v, key_bias, mask, 1e-6, causal).astype(np.float32)
+  ref = OutProjection().apply({"params": params["params"]["out_proj"]}, jnp.asarray(y))
+  np.testing.assert_allclose(np.asarray(out)[mask], np.asarray(ref)[mask], rtol=1e-4,
+                             atol=1e-5)
+
+
+def test_causal_favor_stabiliser_does_not_leak_the_future():
+  q, k, v, key_bias, mask = inputs(3)
+  mask = np.ones_like(mask)
+  w_proj = linear.orthogonal_features(jax.random.key(1), 32, DH)
+  log_w, weight = linear._key_terms(None, None, mask.shape)
+  run = lambda kk: linear.favor_attention(q, kk, v, w_proj, log_w, weight, causal=True,
+                                          eps=1e-6, chunk_size=8)
+  t = 12
+  # Future keys 30x larger: under the official one-max-over-all-keys stabiliser every past
+  # key feature would underflow next to eps and the past outputs would change.
+  k_future = k.copy()
+  k_future[:, t + 1:] *= 30.0
+  np.testing.assert_allclose(run(k_future)[:, :t + 1], run(k)[:, :t + 1], rtol=1e-5,
+                             atol=1e-6)
+
+
+def exact_softmax(q, k, v):
+  logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  return np.einsum("bhqk,bkhd->bqhd", p / p.sum(-1, keepdims=True), v)
+
+
+def test_favor_error_against_softmax_shrinks_with_feature_count():
+  q, k, v, _, _ = inputs(4, scale=0.6)
+  ref = exact_softmax(*(np.asarray(t, np.float64) for t in (q, k, v)))
+  log_w, weight = linear._key_terms(None, None, (B, N))
+  errors = []
+  for m in (8, 64, 512, 4096):
+    err = [np.abs(np.asarray(linear.favor_attention(
+        q, k, v, linear.orthogonal_features(jax.random.key(s), m, DH), log_w, weight,
+        causal=False, eps=1e-6, chunk_size=64)) - ref).mean() for s in range(4)]
+    errors.append(np.mean(err))
+  assert all(a > b for a, b in zip(errors, errors[1:])), errors
+  assert errors[3] < errors[1] / 3, errors  # Monte Carlo: error ~ m^(-1/2), 64x -> ~8x.
+
+
+def test_orthogonal_features_rows_orthogonal_and_marginally_gaussian():
+  d, blocks = 16, 1024
+  w = np.asarray(linear.orthogonal_features(jax.random.key(0), d * blocks, d), np.float64)
+  block = w[:d] / np.linalg.norm(w[:d], axis=1, keepdims=True)
+  np.testing.assert_allclose(block @ block.T, np.eye(d), atol=1e-5)
+  sq = (w ** 2).sum(1)  # chi^2_d: mean d, variance 2d.
+  assert abs(sq.mean() - d) < 4 * np.sqrt(2 * d / len(sq))
+  # Row r of every block is N(0, I): mean 0 and identity covariance across blocks. Plain
+  # Householder QR fails this (its sign convention fixes the direction of the first row).
+  per_row = w.reshape(blocks, d, d)
+  assert np.abs(per_row.mean(0)).max() < 5 / np.sqrt(blocks)
+  for r in (0, d - 1):
+    np.testing.assert_allclose(np.cov(per_row[:, r].T), np.eye(d), atol=0.25)
+
+
+def test_performer_redraws_in_training_and_is_fixed_at_eval():
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 20, 16)), jnp.float32)
+  module = linear.PerformerAttention(num_heads=2, num_features=8)
+  params = module.init(jax.random.key(0), x)
+  train = lambda key: module.apply(params, x, deterministic=False, rngs={"features": key})
+  assert not np.allclose(train(jax.random.key(1)), train(jax.random.key(2)))
+  np.testing.assert_array_equal(train(jax.random.key(1)), train(jax.random.key(1)))
+  eval_a, eval_b = module.apply(params, x), module.apply(params, x)
+  np.testing.assert_array_equal(eval_a, eval_b)
+  other_seed = linear.PerformerAttention(num_heads=2, num_features=8, feature_seed=1)
+  assert not np.allclose(other_seed.apply(params, x), eval_a)
+  with pytest.raises(ValueError, match="'features' PRNG stream"):
+    module.apply(params, x, deterministic=False)
