@@ -7,6 +7,7 @@ FSDP, tensor parallelism and any mix, chosen by `config.mesh` alone.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Any
@@ -64,6 +65,11 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
               axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
 
+@functools.cache
+def _warn_once(message: str, *args):
+  logging.warning(message, *args)
+
+
 def _mesh_axes_for(logical_name, dim: int, mesh: Mesh, rules: dict, used: set):
   """Mesh axes for one array dimension, dropping axes that do not divide it."""
   target = rules.get(logical_name) if logical_name is not None else None
@@ -76,7 +82,7 @@ def _mesh_axes_for(logical_name, dim: int, mesh: Mesh, rules: dict, used: set):
     if axis in used or size == 1:
       continue
     if dim % (math.prod(mesh.shape[a] for a in kept) * size):
-      logging.warning("Axis %r (size %d) is not divisible by mesh axis %r (size %d); "
+      _warn_once("Axis %r (size %d) is not divisible by mesh axis %r (size %d); "
                       "replicating it instead.", logical_name, dim, axis, size)
       continue
     kept.append(axis)

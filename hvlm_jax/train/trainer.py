@@ -6,11 +6,13 @@ update step, checkpoint / resume, evaluation, loop. One `jax.jit` train step ove
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import signal
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +81,33 @@ def create_train_state(config, model, tx, example_batch, mesh, rng):
   return state, state_shardings, abstract_with_shardings(abstract_state, state_shardings)
 
 
+@dataclasses.dataclass
+class Training:
+  """What the loop needs: the model, the sharded state and the compiled update."""
+  model: model_lib.HierarchicalVLM
+  tx: Any
+  schedule: Any
+  state: state_lib.TrainState
+  state_shardings: state_lib.TrainState
+  abstract_state: state_lib.TrainState
+  train_step: Callable
+
+
+def build_training(config, mesh, example_batch, total_steps: int, rng) -> Training:
+  """Model, optimizer, state initialised into its shardings on `mesh`, and the train step."""
+  model = model_lib.build_model(config)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.flax_logical_rules()):
+    abstract_params = jax.eval_shape(lambda r: nn.meta.unbox(model.init(
+        {"params": r, "dropout": r, "features": r}, example_batch, train=False)["params"]),
+        rng)
+    schedule = state_lib.learning_rate_schedule(config, total_steps)
+    tx = state_lib.make_optimizer(config, abstract_params, total_steps)
+    state, state_shardings, abstract_state = create_train_state(
+        config, model, tx, example_batch, mesh, rng)
+  train_step = make_train_step(config, model, tx, schedule, state_shardings, mesh)
+  return Training(model, tx, schedule, state, state_shardings, abstract_state, train_step)
+
+
 def make_train_step(config, model, tx, schedule, state_shardings, mesh):
   """The jitted update: forward, multi-task loss, backward, optimizer, metrics."""
   def train_step(state, batch, rng):
@@ -138,8 +167,13 @@ class _StopSignal:
     signal.signal(signal.SIGTERM, self._previous)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains per `config`, checkpointing into `workdir`; returns the last eval metrics."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       stop_at_step: int | None = None) -> dict:
+  """Trains per `config`, checkpointing into `workdir`; returns the last eval metrics.
+
+  `stop_at_step` leaves the loop after that step with a checkpoint, as a preemption would
+  (the schedule still spans the configured total, so a restart continues the same run).
+  """
   # ----- setup ---------------------------------------------------------------------------
   config_lib.validate(config)
   workdir = os.path.abspath(workdir)
@@ -174,16 +208,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   first_batch = next(iter(data_lib.eval_batches(config, val_split, vocabs)))
 
   # ----- model and sharded state ---------------------------------------------------------
-  model = model_lib.build_model(config)
   rng = jax.random.key(config.seed)
   example = {k: v[:data_parallel] for k, v in first_batch.items()}
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.flax_logical_rules()):
-    abstract_params = jax.eval_shape(lambda r: nn.meta.unbox(model.init(
-        {"params": r, "dropout": r, "features": r}, example, train=False)["params"]), rng)
-    schedule = state_lib.learning_rate_schedule(config, total_steps)
-    tx = state_lib.make_optimizer(config, abstract_params, total_steps)
-    state, state_shardings, abstract_state = create_train_state(
-        config, model, tx, example, mesh, rng)
+  run = build_training(config, mesh, example, total_steps, rng)
+  model, state, abstract_state, train_step = (run.model, run.state, run.abstract_state,
+                                              run.train_step)
   if is_main:
     overview = parameter_overview(state.params)
     with open(os.path.join(workdir, "parameters.txt"), "w") as f:
@@ -194,7 +223,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("Trainable parameters: %s of %s",
                  f"{state_lib.count_parameters(state.params, mask):,}",
                  f"{state_lib.count_parameters(state.params):,}")
-  train_step = make_train_step(config, model, tx, schedule, state_shardings, mesh)
 
   # ----- checkpoint / resume -------------------------------------------------------------
   tr = config.training
@@ -253,13 +281,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           t_data = 0.0
           writer.write_scalars(step, summary, prefix="train/")
           writer.log_progress(step, summary, rate)
-        eval_now = step % tr.eval_every_steps == 0 or step == total_steps
+        eval_now = tr.eval_every_steps > 0 and (step % tr.eval_every_steps == 0
+                                                or step == total_steps)
         if eval_now:
           eval_scalars = run_eval(step)
-        if step % tr.checkpoint_every_steps == 0 or step == total_steps or stop.requested:
+        stopping = stop.requested or step == stop_at_step
+        if step % tr.checkpoint_every_steps == 0 or step == total_steps or stopping:
           ckpt.save(step, state, train_iter, config, metrics=eval_scalars if eval_now else None,
                     force=True)
-        if stop.requested:
+        if stopping:
+          logging.info("Stopped at step %d with a checkpoint; rerun to continue.", step)
           break
   finally:
     ckpt.close()
