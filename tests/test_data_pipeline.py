@@ -61,6 +61,8 @@ def naive_targets(entry, vocabs, step_times):
 
 def test_train_batches_follow_the_schema_and_the_annotations(data):
   config, train, _, vocabs = data
+  config = config.copy_and_resolve_references()
+  config.data.augment.flip = False  # Flips mirror the labels: tested on their own below.
   batches = take(pipeline.make_train_iterator(config, train, vocabs, seed=0, process_index=0,
                                               process_count=1), 3)
   for b in batches:
@@ -291,3 +293,39 @@ def test_unusable_batch_size_names_the_key(data):
   with pytest.raises(ValueError, match="config.data.batch_size=4 is not divisible by the 3"):
     pipeline.make_train_iterator(config, train, vocabs, seed=0, process_index=0,
                                  process_count=3)
+
+
+def test_flipped_clips_get_mirrored_labels_that_match_the_pixels(data):
+  from hvlm_jax.data import synthetic
+  config, train, _, vocabs = data
+  config = config.copy_and_resolve_references()
+  config.data.augment.update(flip=True, color_jitter=0.0, min_crop_scale=1.0)
+  config.data.video.min_window = 1.0
+  moves = {vocabs.action_id("move_left"): -1, vocabs.action_id("move_right"): 1}
+  checked = collections.Counter()
+  it = pipeline.make_train_iterator(config, train, vocabs, seed=0, process_index=0,
+                                    process_count=1)
+  for b in take(it, 12):
+    for i in range(4):
+      e = train.entries[b["index"][i]]
+      label = next((vocabs.action_id(l) for _, _, l in e.actions
+                    if vocabs.action_id(l) in moves), None)
+      if label is None:
+        continue
+      seg = b["segments"][i][b["segment_mask"][i]]
+      labels = b["segment_labels"][i][b["segment_mask"][i]]
+      (s, end), = seg[np.isin(labels, list(moves))]
+      shown = moves[labels[np.isin(labels, list(moves))][0]]
+      colour = next(c for c in synthetic.COLORS if e.captions[0].startswith(f"a {c} "))
+      ref = np.array(synthetic.COLORS[colour], np.float32)
+      mask = np.linalg.norm(b["video"][i].astype(np.float32) - ref, axis=-1) < 60
+      ts = b["timestamps"][i]
+      first, last = np.argmin(np.abs(ts - s)), np.argmin(np.abs(ts - end))
+      dx = np.nonzero(mask[last])[1].mean() - np.nonzero(mask[first])[1].mean()
+      assert np.sign(dx) == shown, (e.video_id, dx, shown)
+      flipped = shown != moves[label]
+      for q, a, m in zip(b["questions"][i], b["answers"][i], b["qa_mask"][i]):
+        if m and vocabs.decode(q).startswith("which way"):
+          assert vocabs.answers[a] == ("left" if shown < 0 else "right")
+      checked[flipped] += 1
+  assert checked[True] and checked[False]  # Both flipped and unflipped clips were checked.

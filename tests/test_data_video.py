@@ -84,8 +84,27 @@ def test_crop_flip_and_jitter_against_numpy():
   out = video.crop_resize(frames, (2, 1, 6, 6), 6, flip=True)
   np.testing.assert_array_equal(out, frames[:, 2:8, 1:7][:, :, ::-1])
   np.testing.assert_array_equal(video.color_jitter(frames, rng, 0.0), frames)
+  from PIL import Image  # Reference: PIL bilinear on the cropped frame, then a numpy flip.
+  out = video.crop_resize(frames, (3, 2, 8, 6), 5, flip=True)
+  ref = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(f[3:11, 2:8])).resize(
+      (5, 5), Image.BILINEAR)) for f in frames])[:, :, ::-1]
+  np.testing.assert_array_equal(out, ref)
   box = video.random_crop_params(rng, 12, 10, 0.5)
   assert 0.5 * 120 * 0.8 <= box[2] * box[3] <= 120 and box[0] + box[2] <= 12
+
+
+def test_fused_color_jitter_equals_the_three_steps_in_order():
+  frames = np.random.default_rng(2).integers(0, 256, size=(3, 9, 7, 3), dtype=np.uint8)
+  out = video.color_jitter(frames, np.random.default_rng(5), 0.4)
+  b, c, s = np.random.default_rng(5).uniform(0.6, 1.4, size=3)
+  x = frames.astype(np.float64) * b
+  mean = x.mean(axis=(1, 2, 3), keepdims=True)
+  x = (x - mean) * c + mean
+  gray = x.mean(axis=-1, keepdims=True)
+  x = (x - gray) * s + gray
+  expected = np.clip(np.rint(x), 0, 255)
+  assert np.abs(out.astype(int) - expected).max() <= 1  # float32 vs float64 rounding.
+  assert (out.astype(int) == expected).mean() > 0.98
 
 
 def test_corrupt_video_error_names_the_file():

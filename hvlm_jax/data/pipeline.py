@@ -18,8 +18,10 @@ tools/build_dataset.py, "features" reads per-video .npy (T_video, F) arrays.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import re
 import sys
 
 import grain
@@ -109,19 +111,21 @@ class ClipReader:
       else:
         frames = all_frames[idx]
       pts = all_pts[idx]
-    frames = self._spatial(frames, rng)
+    frames, flipped = self._spatial(frames, rng)
     clip = dict(video=frames, timestamps=pts.astype(np.float32), duration=np.float32(duration))
+    if flipped:
+      clip["flipped"] = True  # Popped by the caller, which mirrors the labels.
     return clip, times_fn.window
 
   def _spatial(self, frames, rng):
     aug = self.augment
     h, w = frames.shape[1:3]
     if rng is None or not aug["enabled"]:
-      return video_lib.crop_resize(frames, video_lib.center_crop_params(h, w), self.size)
+      return video_lib.crop_resize(frames, video_lib.center_crop_params(h, w), self.size), False
     box = video_lib.random_crop_params(rng, h, w, aug["min_crop_scale"])
     flip = bool(aug["flip"]) and rng.random() < 0.5
     frames = video_lib.crop_resize(frames, box, self.size, flip)
-    return video_lib.color_jitter(frames, rng, aug["color_jitter"])
+    return video_lib.color_jitter(frames, rng, aug["color_jitter"]), flip
 
   def _read_features(self, entry: VideoEntry, times_fn):
     if self.cache is not None:
@@ -197,6 +201,32 @@ class _Order:
 
 
 _CORRUPT: dict[str, int] = {}  # Per process: corrupt videos skipped in training.
+_WORD = re.compile(r"[A-Za-z0-9_']+")
+
+
+def mirror_entry(entry: VideoEntry, swap: dict[str, str]) -> VideoEntry:
+  """The annotations of the horizontally flipped video: action labels and words in questions,
+  answers and captions exchanged by `swap` (e.g. left <-> right, move_left <-> move_right)."""
+  if not swap:
+    return entry
+  sub = lambda text: _WORD.sub(lambda m: swap.get(m.group(0).lower(), m.group(0)), text)
+  return dataclasses.replace(
+      entry,
+      actions=None if entry.actions is None else [
+          (s, e, swap.get(l, l)) for s, e, l in entry.actions],
+      qa_pairs=None if entry.qa_pairs is None else [(sub(q), sub(a)) for q, a in entry.qa_pairs],
+      captions=None if entry.captions is None else [sub(c) for c in entry.captions])
+
+
+def flip_swap_map(config) -> dict[str, str]:
+  """`data.augment.flip_swap` ("a:b" pairs) as a symmetric dict."""
+  out = {}
+  for pair in config.data.augment.get("flip_swap", ()):
+    a, sep, b = str(pair).partition(":")
+    if not sep or not a or not b:
+      raise ValueError(f"config.data.augment.flip_swap entry {pair!r} is not of the form a:b.")
+    out[a], out[b] = b, a
+  return out
 
 
 class _TrainElement:
@@ -205,6 +235,7 @@ class _TrainElement:
     self.p, self.num_p = process_index, process_count
     self.order = _Order(len(split), seed, probs)
     self.reader = ClipReader(config, split)
+    self.swap = flip_swap_map(config)
 
   def __call__(self, j: int):
     g = self.p + self.num_p * int(j)
@@ -222,6 +253,8 @@ class _TrainElement:
             f"config.data.max_corrupt_videos={cap}; last: {e}") from None
       logging.warning("Skipping corrupt video in training: %s", e)
       return None
+    if clip.pop("flipped", False):
+      entry = mirror_entry(entry, self.swap)
     ex = example_targets(entry, self.vocabs, self.config, start=start, length=length, rng=rng)
     ex.update(clip, index=np.int32(idx), valid=np.bool_(True))
     return ex

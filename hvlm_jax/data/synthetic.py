@@ -28,7 +28,7 @@ from typing import Any
 import av
 import numpy as np
 
-VERSION = 1
+VERSION = 2
 MARKER = "synthetic_dataset.json"
 SPLITS = ("training", "validation", "test")
 COLORS = {"red": (230, 35, 35), "green": (40, 215, 60), "blue": (50, 90, 255),
@@ -253,8 +253,9 @@ def _phrase(ev: dict) -> str:
 
 
 def caption(clip: dict) -> str:
-  """The template caption: actor, its events in order, the still objects left to right."""
-  actor, others = clip["objects"][0], sorted(clip["objects"][1:], key=lambda o: o["x"])
+  """The template caption: actor, its events in order, the still objects by colour name
+  (not by position, so that a horizontally flipped clip keeps its caption)."""
+  actor, others = clip["objects"][0], sorted(clip["objects"][1:], key=lambda o: o["color"])
   text = f"a {actor['color']} {actor['shape']} " + " and then ".join(
       _phrase(e) for e in clip["events"])
   if others:
