@@ -50,6 +50,8 @@ def get_config(arg=None):
   data.augment = ml_collections.ConfigDict()
   data.augment.enabled = True
   data.augment.flip = True
+  # "a:b" pairs exchanged in action labels, questions, answers and captions of flipped clips.
+  data.augment.flip_swap = ("left:right", "move_left:move_right")
   data.augment.min_crop_scale = 0.6
   data.augment.color_jitter = 0.1
   data.augment.temporal_jitter = True
