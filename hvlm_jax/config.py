@@ -108,8 +108,8 @@ def import_sibling(this_file: str, filename: str):
   import importlib.util
   import os
   path = os.path.join(os.path.dirname(os.path.abspath(this_file)), filename)
-  spec = importlib.util.spec_from_file_location(
-      f"hvlm_config_{os.path.splitext(filename)[0]}", path)
+  name = os.path.splitext(os.path.basename(filename))[0]
+  spec = importlib.util.spec_from_file_location(f"hvlm_config_{name}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module

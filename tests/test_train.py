@@ -12,6 +12,7 @@ import pytest
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
+from hvlm_jax import config as config_lib
 from hvlm_jax import data as data_lib
 from hvlm_jax.train import sharding, trainer
 from hvlm_jax.train.checkpoint import Checkpointer
@@ -19,22 +20,10 @@ import data_testutil
 
 
 def train_config(**training):
-  config = data_testutil.tiny_config()
-  model = config.model
-  model.hidden_size, model.num_layers, model.num_attention_heads, model.mlp_dim = 32, 1, 2, 64
-  model.heads.text.num_heads = 2
-  model.heads.detection.num_layers = 1
-  model.heads.qa.num_layers = 1
-  model.heads.captioning.num_layers = 1
-  data = config.data
-  data.augment.enabled = False
-  config.data.caption_length = 12
-  config.data.question_length = 8
-  tr = config.training
-  tr.num_steps, tr.num_epochs, tr.warmup_steps, tr.learning_rate = 4, 0, 1, 3e-3
-  tr.log_every_steps, tr.eval_every_steps, tr.checkpoint_every_steps = 1, 0, 2
+  module = config_lib.import_sibling(__file__, "tiny_train_config.py")
+  config = module.get_config(f"data_dir={data_testutil.dataset_dir()}")
   for k, v in training.items():
-    tr[k] = v
+    config.training[k] = v
   return config
 
 
