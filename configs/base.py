@@ -150,6 +150,7 @@ def get_config(arg=None):
   heads.num_classes = 10  # Action classes (classification and detection).
   heads.vocab_size = 1000  # Word vocabulary (questions and captions).
   heads.num_answers = 1000  # Answer classes.
+  heads.classification_pooling = "attention"  # "attention" (learned probe) or "mean".
   heads.text = ml_collections.ConfigDict(dict(num_heads=0, mlp_dim=0, dropout_rate=0.0))
   heads.detection = ml_collections.ConfigDict(dict(
       num_layers=2, kernel_size=3, loss="focal", focal_alpha=0.25, focal_gamma=2.0,
@@ -170,10 +171,24 @@ def get_config(arg=None):
   tr.mixed_precision = False
   tr.gradient_checkpointing = False
   tr.remat_policy = "nothing_saveable"
+  tr.gradient_accumulation_steps = 1  # Micro-batches per optimizer update.
+  tr.finetune = "full"  # "full", "lora" (adapters + router + heads) or "lora_only".
+  # "none", "inverse_frequency" or "sports=2,news=1,..." (sampling weight per domain).
+  tr.domain_balancing = "none"
+  # Token-merging curriculum: the compression ratio rises from 0 to the target over
+  # compression_warmup_steps in compression_stages steps (each stage compiles once);
+  # progressive merging uses motion from the start and saliency from saliency_start_step.
+  tr.compression_warmup_steps = 0
+  tr.compression_stages = 3
+  tr.saliency_start_step = 0
   tr.log_every_steps = 50
-  tr.eval_every_steps = 1000
+  tr.eval_every_steps = 1000  # 0: no evaluation during training.
+  tr.eval_max_batches = 0  # 0: the whole validation split.
   tr.checkpoint_every_steps = 1000
-  tr.keep_checkpoints = 3
+  tr.keep_checkpoints = 3  # Latest N kept...
+  tr.keep_best_checkpoints = 1  # ...and, separately, the best N by best_metric.
+  tr.best_metric = "val_loss"
+  tr.best_mode = "min"
   tr.loss_weights = ml_collections.ConfigDict(
       dict(classification=1.0, action_detection=0.33, video_qa=0.33, captioning=0.34,
            router=0.1, router_balance=0.01))

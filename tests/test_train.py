@@ -181,3 +181,39 @@ def _params_only():
 def _iterator_state(workdir):
   files = sorted(glob.glob(str(workdir / "checkpoints" / "4" / "data" / "*")))
   return [open(f).read() for f in files if os.path.isfile(f) and "commit_success" not in f]
+
+
+def test_merging_curriculum_and_progressive_switches():
+  config = train_config(compression_warmup_steps=90, compression_stages=3,
+                        saliency_start_step=50)
+  config.model.token_merging.enabled = True
+  config.model.token_merging.target_compression_ratio = 0.6
+  controls = {s: trainer.merging_controls(config, s) for s in (0, 29, 30, 60, 89, 90, 500)}
+  assert [controls[s][0] for s in (0, 29, 30, 60, 89, 90, 500)] == [0.2, 0.2, 0.4, 0.6, 0.6,
+                                                                     0.6, 0.6]
+  assert controls[0][1].tolist() == [1.0, 0.0] and controls[60][1].tolist() == [1.0, 1.0]
+  config.model.token_merging.enabled = False
+  assert trainer.merging_controls(config, 10) == (0.0, None)
+
+
+def test_lora_finetuning_freezes_the_base_and_keeps_no_state_for_it(setup):
+  config, batches, example = setup
+  config = config.copy_and_resolve_references()
+  config.model.domain_modules.lora.enabled = True
+  config.training.finetune = "lora"
+  _, state, _ = run_steps(config, batches, example, mesh_of(1, 1, 1, jax.devices()[:1]),
+                          steps=2)
+  fresh = trainer.build_training(config, mesh_of(1, 1, 1, jax.devices()[:1]), example, 10,
+                                 jax.random.key(0)).state
+  query = lambda s: s.params["encoder"]["block_0"]["attention"]["qkv"]["query"]
+  np.testing.assert_array_equal(query(state)["kernel"], query(fresh)["kernel"])
+  assert np.abs(np.asarray(query(state)["lora_b"])).max() > 0  # Adapters trained.
+  assert np.abs(np.asarray(query(fresh)["lora_b"])).max() == 0
+  encoder = sum(x.size for x in jax.tree.leaves(state.params["encoder"]))
+  trained = sum(x.size for k, v in state.params.items() if k != "encoder"
+                for x in jax.tree.leaves(v))
+  adapters = sum(x.size for p, x in jax.tree_util.tree_flatten_with_path(state.params)[0]
+                 if "lora" in jax.tree_util.keystr(p))
+  moments = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim > 0)
+  # Adam keeps two moments for the heads and the adapters, none for the frozen encoder.
+  assert moments == 2 * (trained + adapters), (moments, trained, adapters, encoder)

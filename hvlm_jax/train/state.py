@@ -1,9 +1,11 @@
 """Train state, optimizer and learning-rate schedule.
 
 AdamW (Loshchilov & Hutter, 2019) with linear warmup + cosine decay, global-norm gradient
-clipping, a weight-decay mask (no decay on biases, norms, position embeddings), optional
-gradient accumulation, and LoRA fine-tuning: frozen parameters get `set_to_zero` updates and
-therefore no optimizer state at all.
+clipping, a weight-decay mask (no decay on biases, norms, position embeddings) and optional
+gradient accumulation (optax.MultiSteps).
+
+`training.finetune`: "full" (everything), "lora" (adapters, router, experts and heads; the
+encoder's base weights frozen) or "lora_only" (adapters alone).
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 from flax.traverse_util import flatten_dict, unflatten_dict
+
+from hvlm_jax.models.domain import lora
 
 # Parameter names (last path element) that are not weight-decayed.
 _NO_DECAY = re.compile(r"^(bias|scale|.*position.*|.*embedding_table.*)$")
@@ -47,21 +51,16 @@ def weight_decay_mask(params):
   return unflatten_dict({k: not _NO_DECAY.match(k[-1]) for k in flat})
 
 
-def trainable_mask(params, finetune: str):
-  """True where a parameter trains. `finetune`: "" / "full" (all) or "lora".
+# training.finetune -> which parameters train (names of hvlm_jax.models.domain.lora modes).
+FINETUNE_MODES = {"full": "all", "lora": "lora_and_heads", "lora_only": "lora"}
 
-  In LoRA mode only adapters (`lora_a`, `lora_b`), the domain router and the task heads
-  train; the encoder's base weights are frozen.
-  """
-  flat = path_names(params)
-  if finetune in ("", "full"):
-    return unflatten_dict({k: True for k in flat})
-  if finetune != "lora":
-    raise ValueError(f"config.training.finetune={finetune!r} must be '', 'full' or 'lora'.")
-  def trains(path):
-    name = "/".join(path)
-    return (path[-1] in ("lora_a", "lora_b") or "router" in name or "head" in name)
-  return unflatten_dict({k: trains(k) for k in flat})
+
+def finetune_mode(config) -> str:
+  finetune = config.training.get("finetune", "full") or "full"
+  if finetune not in FINETUNE_MODES:
+    raise ValueError(f"config.training.finetune={finetune!r} must be one of "
+                     f"{', '.join(FINETUNE_MODES)}.")
+  return FINETUNE_MODES[finetune]
 
 
 def make_optimizer(config, params, total_steps: int) -> optax.GradientTransformation:
@@ -71,17 +70,8 @@ def make_optimizer(config, params, total_steps: int) -> optax.GradientTransforma
       optax.clip_by_global_norm(tr.gradient_clip) if tr.gradient_clip > 0 else optax.identity(),
       optax.adamw(schedule, b1=0.9, b2=0.999, weight_decay=tr.weight_decay,
                   mask=weight_decay_mask(params)))
-  mask = trainable_mask(params, tr.get("finetune", ""))
-  if not all(jax.tree.leaves(mask)):
-    labels = jax.tree.map(lambda m: "train" if m else "frozen", mask)
-    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+  # LoRA fine-tuning: frozen parameters get set_to_zero updates, hence no Adam moments.
+  tx = lora.freeze_untrainable(tx, params, finetune_mode(config))
   if tr.get("gradient_accumulation_steps", 1) > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=tr.gradient_accumulation_steps)
   return tx
-
-
-def count_parameters(params, mask=None) -> int:
-  leaves = jax.tree.leaves(params)
-  if mask is None:
-    return sum(int(jnp.size(x)) for x in leaves)
-  return sum(int(jnp.size(x)) for x, m in zip(leaves, jax.tree.leaves(mask)) if m)

@@ -25,6 +25,7 @@ from hvlm_jax import config as config_lib
 from hvlm_jax import data as data_lib
 from hvlm_jax.eval import evaluate as evaluate_lib
 from hvlm_jax.models import model as model_lib
+from hvlm_jax.models.domain import lora
 from hvlm_jax.train import sharding, state as state_lib
 from hvlm_jax.train.checkpoint import Checkpointer, abstract_with_shardings
 from hvlm_jax.train.metric_writer import MetricWriter
@@ -110,12 +111,12 @@ def build_training(config, mesh, example_batch, total_steps: int, rng) -> Traini
 
 def make_train_step(config, model, tx, schedule, state_shardings, mesh):
   """The jitted update: forward, multi-task loss, backward, optimizer, metrics."""
-  def train_step(state, batch, rng):
+  def train_step(state, batch, rng, *, merge_weights=None):
     rng = jax.random.fold_in(rng, state.step)
     dropout_rng, features_rng = jax.random.split(rng)
 
     def loss_fn(params):
-      outputs = model.apply({"params": params}, batch, train=True,
+      outputs = model.apply({"params": params}, batch, train=True, merge_weights=merge_weights,
                             rngs={"dropout": dropout_rng, "features": features_rng})
       return model_lib.compute_losses(outputs, batch, config)
 
@@ -129,6 +130,34 @@ def make_train_step(config, model, tx, schedule, state_shardings, mesh):
   replicated = NamedSharding(mesh, P())
   return jax.jit(train_step, in_shardings=(state_shardings, None, replicated),
                  out_shardings=(state_shardings, replicated), donate_argnums=0)
+
+
+def merging_controls(config, step: int) -> tuple[float, np.ndarray | None]:
+  """Token-merging ratio and runtime (motion, saliency) weights at `step`.
+
+  Curriculum: the compression ratio rises in `training.compression_stages` equal stages to
+  `model.token_merging.target_compression_ratio` over `training.compression_warmup_steps`
+  (a ratio fixes token counts, so each stage is its own compiled step). Progressive merging:
+  motion importance from the start, saliency from `training.saliency_start_step` (a traced
+  input: switching it on does not recompile).
+  """
+  tm, tr = config.model.token_merging, config.training
+  if not tm.enabled:
+    return 0.0, None
+  ratio = tm.target_compression_ratio
+  if tr.compression_warmup_steps > 0 and step < tr.compression_warmup_steps:
+    stages = max(tr.compression_stages, 1)
+    stage = min(int(stages * step / tr.compression_warmup_steps) + 1, stages)
+    ratio = round(ratio * stage / stages, 6)
+  motion = float(tm.use_motion)
+  saliency = float(tm.use_saliency and step >= tr.saliency_start_step)
+  return ratio, np.asarray([motion, saliency], np.float32)
+
+
+def with_compression_ratio(config, ratio: float):
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model.token_merging.target_compression_ratio = ratio
+  return config
 
 
 def optax_global_norm(tree):
@@ -211,18 +240,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   rng = jax.random.key(config.seed)
   example = {k: v[:data_parallel] for k, v in first_batch.items()}
   run = build_training(config, mesh, example, total_steps, rng)
-  model, state, abstract_state, train_step = (run.model, run.state, run.abstract_state,
-                                              run.train_step)
+  model, state, abstract_state = run.model, run.state, run.abstract_state
+  steps_by_ratio = {merging_controls(config, total_steps)[0]: run.train_step}
   if is_main:
     overview = parameter_overview(state.params)
     with open(os.path.join(workdir, "parameters.txt"), "w") as f:
       f.write(overview + "\n")
     logging.info("Parameters per module (all in %s/parameters.txt):\n%s", workdir,
                  module_overview(state.params))
-    mask = state_lib.trainable_mask(state.params, config.training.get("finetune", ""))
-    logging.info("Trainable parameters: %s of %s",
-                 f"{state_lib.count_parameters(state.params, mask):,}",
-                 f"{state_lib.count_parameters(state.params):,}")
+    mask = lora.trainable_mask(state.params, state_lib.finetune_mode(config))
+    logging.info("Trainable parameters: %s of %s (training.finetune=%r)",
+                 f"{lora.count_parameters(state.params, mask):,}",
+                 f"{lora.count_parameters(state.params):,}",
+                 config.training.get("finetune", "full"))
 
   # ----- checkpoint / resume -------------------------------------------------------------
   tr = config.training
@@ -263,7 +293,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         t0 = time.perf_counter()
         batch = sharding.global_batch(next(train_iter), mesh)
         t_data += time.perf_counter() - t0
-        state, metrics = train_step(state, batch, train_rng)
+        ratio, merge_weights = merging_controls(config, step)
+        if ratio not in steps_by_ratio:  # A new curriculum stage: compile its step once.
+          config_r = with_compression_ratio(config, ratio)
+          steps_by_ratio[ratio] = make_train_step(
+              config_r, model_lib.build_model(config_r), run.tx, run.schedule,
+              run.state_shardings, mesh)
+        state, metrics = steps_by_ratio[ratio](state, batch, train_rng,
+                                                merge_weights=merge_weights)
+        if merge_weights is not None:
+          metrics = dict(metrics, compression_ratio=ratio, saliency_on=merge_weights[1])
         step += 1
         pending.append(metrics)
         if step % tr.log_every_steps == 0 or step == total_steps:
