@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from hvlm_jax.models import heads
 from hvlm_jax.models.heads import decoding, detection
@@ -309,3 +310,38 @@ def test_memory_bias_log_size_equals_duplicated_tokens(decoder_setup):
   run = jax.jit(head.apply)
   np.testing.assert_allclose(run(qa_params, q, memory, None, bias), run(qa_params, q, dup),
                              rtol=1e-4, atol=1e-5)
+
+
+def test_attention_pool_matches_naive_softmax_pooling_and_sees_position():
+  from hvlm_jax.models.heads.text import AttentionPool
+  pool = AttentionPool(num_heads=2)
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 5, 8)).astype(np.float32)
+  mask = np.array([[True] * 5, [True, True, True, False, False]])
+  bias = rng.normal(size=(2, 5)).astype(np.float32)
+  params = nn.meta.unbox(pool.init(jax.random.key(0), x, mask, bias))["params"]
+  got = pool.apply({"params": params}, x, mask, bias)
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  h = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
+  h = h * p["ln"]["scale"] + p["ln"]["bias"]
+  k = h @ p["key"]["kernel"] + p["key"]["bias"]
+  v = h @ p["value"]["kernel"] + p["value"]["bias"]
+  for b in range(2):
+    heads_out = []
+    for j in range(2):
+      sl = slice(4 * j, 4 * j + 4)
+      logits = k[b, :, sl] @ p["probe"][0, sl] / 2.0 + bias[b]
+      logits = np.where(mask[b], logits, -np.inf)
+      w = np.exp(logits - logits.max())
+      heads_out.append((w / w.sum()) @ v[b, :, sl])
+    ref = np.concatenate(heads_out) @ p["out"]["kernel"] + p["out"]["bias"]
+    np.testing.assert_allclose(got[b], ref, rtol=1e-4, atol=1e-5)
+  # An object token moving over a background of position embeddings leaves the spatial mean
+  # unchanged but not the attention pool (with a probe aligned to the object's content).
+  pos = rng.normal(size=(6, 8)).astype(np.float32)
+  obj = np.zeros(8, np.float32)
+  obj[0] = 6.0
+  grids = np.stack([pos + np.where(np.arange(6)[:, None] == i, obj, 0) for i in (1, 4)])
+  np.testing.assert_allclose(grids[0].mean(0), grids[1].mean(0), rtol=1e-6)
+  out = pool.apply({"params": params}, grids)
+  assert float(np.abs(out[0] - out[1]).max()) > 1e-3

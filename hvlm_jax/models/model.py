@@ -10,8 +10,9 @@ and gives domain logits; the domain used by LoRA and hard experts is batch["doma
 router's argmax at inference when model.domain_modules.use_router_for_lora is set (the router
 runs before the encoder for exactly this). The encoder gives tokens (B, N, D) (merged, if
 token merging is on) with token_mask, and time_features (B, T', D) on the full time grid.
-DomainExperts refine both. Heads: classification and QA / captioning read the tokens
-(cross-attention); action detection reads time_features.
+DomainExperts refine both. Heads: classification (attention pooling) and QA / captioning
+(cross-attention) read the tokens; action detection reads time_features plus an attention
+pooling of each time step's grid tokens (merged tokens unmerged onto the grid).
 
 Outputs of __call__ (present when their task / module is configured):
   time_features (B, T', D); domain (B,) int32 used; router_logits (B, E);
@@ -40,6 +41,7 @@ from hvlm_jax.models.domain.experts import (ROUTING_MODES, DomainExperts, Domain
 from hvlm_jax.models.domain.lora import LoRASpec
 from hvlm_jax.models.encoder import VideoEncoder
 from hvlm_jax.models.token_merging import MergingSpec
+from hvlm_jax.models.token_merging.merging import unmerge_to_grid
 
 TASKS = ("classification", "action_detection", "video_qa", "captioning")
 
@@ -127,11 +129,13 @@ class HierarchicalVLM(nn.Module):
     text = dict(hidden_size=d, num_heads=text_heads(cfg), mlp_dim=h.text.mlp_dim or cfg.mlp_dim,
                 dropout_rate=h.text.dropout_rate, **kw)
     tasks = tuple(h.tasks)
-    self.classification_head = (heads_lib.ClassificationHead(h.num_classes, **kw)
-                                if "classification" in tasks else None)
+    self.classification_head = (heads_lib.ClassificationHead(
+        h.num_classes, pooling=h.classification_pooling, num_heads=text["num_heads"], **kw)
+        if "classification" in tasks else None)
     self.detection_head = (heads_lib.DetectionHead(
-        h.num_classes, num_layers=h.detection.num_layers, kernel_size=h.detection.kernel_size,
-        dropout_rate=cfg.dropout_rate, **kw) if "action_detection" in tasks else None)
+        h.num_classes, num_heads=text["num_heads"], num_layers=h.detection.num_layers,
+        kernel_size=h.detection.kernel_size, dropout_rate=cfg.dropout_rate, **kw)
+        if "action_detection" in tasks else None)
     self.qa_head = (heads_lib.QAHead(h.num_answers, h.vocab_size, num_layers=h.qa.num_layers,
                                      **text) if "video_qa" in tasks else None)
     self.caption_head = (heads_lib.CaptionDecoder(h.vocab_size, num_layers=h.captioning.num_layers,
@@ -172,9 +176,12 @@ class HierarchicalVLM(nn.Module):
     if "sizes" in enc:
       weights = weights * enc["sizes"]
       bias = jnp.log(jnp.maximum(enc["sizes"], 1e-6))
+    # The detection head pools each time step's grid tokens (unmerged onto the full grid).
+    full = unmerge_to_grid(tokens, enc["assignment"]) if "assignment" in enc else tokens
+    step_tokens = full.reshape(full.shape[0], *enc["grid"], full.shape[-1])
     return dict(tokens=tokens, token_mask=enc["token_mask"], token_weights=weights,
-                token_bias=bias, time_features=time_features, domain=domain,
-                router_logits=router_logits)
+                token_bias=bias, time_features=time_features, step_tokens=step_tokens,
+                domain=domain, router_logits=router_logits)
 
   def __call__(self, batch: dict[str, jax.Array], *, train: bool = False,
                merge_weights=None) -> dict:
@@ -188,7 +195,7 @@ class HierarchicalVLM(nn.Module):
     if self.classification_head is not None:
       out["classification"] = self.classification_head(tokens, enc["token_weights"])
     if self.detection_head is not None:
-      d = self.detection_head(enc["time_features"], deterministic=det)
+      d = self.detection_head(enc["time_features"], enc["step_tokens"], deterministic=det)
       out.update(detection_logits=d["logits"], detection_offsets=d["offsets"])
     if self.qa_head is not None:
       out["qa_logits"] = self.qa_head(_get(batch, "questions", "video_qa"), tokens, mask, bias,
@@ -212,7 +219,7 @@ class HierarchicalVLM(nn.Module):
     if self.classification_head is not None:
       out["classification_logits"] = self.classification_head(tokens, enc["token_weights"])
     if self.detection_head is not None:
-      d = self.detection_head(enc["time_features"])
+      d = self.detection_head(enc["time_features"], enc["step_tokens"])
       cfg = h.detection
       decoded = heads_lib.decode_detections(
           d["logits"], d["offsets"], _get(batch, "step_times", "action_detection"),

@@ -1,4 +1,8 @@
-"""Clip classification (video-level action recognition): pooled tokens -> class logits."""
+"""Clip classification (video-level action recognition): pooled tokens -> class logits.
+
+Pooling is attention pooling with a learned probe (heads/text.AttentionPool; big_vision's
+MAP head) or a (size-weighted) mean over tokens.
+"""
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -6,22 +10,36 @@ import optax
 from flax import linen as nn
 
 from hvlm_jax.models.heads.qa import masked_mean
+from hvlm_jax.models.heads.text import AttentionPool
 from hvlm_jax.models.layers import Dtype, dense, layer_norm
 
 
 class ClassificationHead(nn.Module):
-  """tokens (B, N, D), mask (B, N) bool or float weights -> logits (B, C) float32:
-  (weighted) mean -> LN -> linear.
+  """tokens (B, N, D), weights (B, N) (bool mask or token sizes) -> logits (B, C) float32:
+  pool -> LN -> linear. `pooling`: "attention" (weights > 0 are attended, log(weights) is the
+  logit bias: proportional attention for merged tokens) or "mean" (weighted mean).
 
   The linear layer starts at zero (uniform predictions, loss log C at step 0).
   """
   num_classes: int
+  pooling: str = "attention"
+  num_heads: int = 4
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, tokens, mask):
-    pooled = layer_norm("ln", self.dtype, self.param_dtype)(masked_mean(tokens, mask, axis=1))
+  def __call__(self, tokens, weights):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    if self.pooling == "attention":
+      w = weights.astype(jnp.float32)
+      pooled = AttentionPool(self.num_heads, name="pool", **kw)(
+          tokens, w > 0, jnp.log(jnp.maximum(w, 1e-9)))
+    elif self.pooling == "mean":
+      pooled = masked_mean(tokens, weights, axis=1)
+    else:
+      raise ValueError(f"config.model.heads.classification_pooling={self.pooling!r} is not "
+                       f"attention or mean.")
+    pooled = layer_norm("ln", **kw)(pooled)
     return dense(self.num_classes, ("embed", "vocab"), name="logits", dtype=jnp.float32,
                  param_dtype=self.param_dtype, kernel_init=nn.initializers.zeros)(pooled)
 

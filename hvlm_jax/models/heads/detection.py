@@ -1,7 +1,9 @@
 """Temporal action detection: anchor-free per-step classification and boundary regression.
 
 Head (ActionFormer, Zhang et al. 2022, single scale): on per-time-step features (B, T', D),
-a few pre-LN temporal convolutions, then per step (a) C class logits (sigmoid; bias set to the
+plus, when the grid tokens of each step are given, their attention pooling (a learned probe
+per step, heads/text.AttentionPool: the spatial mean is nearly blind to where an object is,
+and so to which way it moves), a few pre-LN temporal convolutions, then per step (a) C class logits (sigmoid; bias set to the
 prior p = 0.01 as in RetinaNet) and (b) distances from the step centre to the action's start
 and end, in units of the step duration (softplus, so >= 0).
 
@@ -24,12 +26,15 @@ import numpy as np
 import optax
 from flax import linen as nn
 
+from hvlm_jax.models.heads.text import AttentionPool
 from hvlm_jax.models.layers import Dtype, layer_norm, partitioned
 
 
 class DetectionHead(nn.Module):
-  """features (B, T', D) -> dict(logits (B, T', C) float32, offsets (B, T', 2) float32)."""
+  """features (B, T', D), step_tokens (B, T', P, D) or None ->
+  dict(logits (B, T', C) float32, offsets (B, T', 2) float32)."""
   num_classes: int
+  num_heads: int = 4
   num_layers: int = 2
   kernel_size: int = 3
   prior_prob: float = 0.01
@@ -38,9 +43,9 @@ class DetectionHead(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, features, *, deterministic=True):
+  def __call__(self, features, step_tokens=None, *, deterministic=True):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    d = features.shape[-1]
+    b, t, d = features.shape
 
     def conv(features_out, axes, name, bias=0.0, dtype=self.dtype):
       return nn.Conv(features_out, (self.kernel_size,), padding="SAME", name=name,
@@ -49,6 +54,10 @@ class DetectionHead(nn.Module):
                      bias_init=partitioned(nn.initializers.constant(bias), axes[-1:]))
 
     x = features
+    if step_tokens is not None and step_tokens.shape[2] > 1:
+      pooled = AttentionPool(self.num_heads, name="step_pool", **kw)(
+          step_tokens.reshape(b * t, *step_tokens.shape[2:]))
+      x = x + pooled.reshape(b, t, d).astype(x.dtype)
     for i in range(self.num_layers):
       h = nn.gelu(conv(d, ("conv", "embed", "mlp"), f"conv_{i}")(
           layer_norm(f"ln_{i}", **kw)(x)))

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from hvlm_jax.models.attention.common import merge_heads, split_heads
-from hvlm_jax.models.layers import Dtype, dense, layer_norm
+from hvlm_jax.models.layers import Dtype, dense, layer_norm, partitioned
 
 NEG_INF = -1e9  # Finite, so that fully masked rows (absent questions) stay NaN-free.
 
@@ -138,3 +138,31 @@ class TextLayer(nn.Module):
 
   def _dropout(self, x, deterministic):
     return self.drop(x, deterministic=deterministic)
+
+
+class AttentionPool(nn.Module):
+  """Multi-head attention pooling with a learned probe query (MAP: Lee et al. 2019's PMA, as
+  in big_vision's MAPHead).
+
+  Call: `(x: (B, N, D), mask: (B, N) bool | None, bias: (B, N) float | None) -> (B, D)`.
+  Unlike a mean, the weights depend on content, so the result keeps *where* a salient token
+  is (its position embedding survives in the residual stream): a mean over space of
+  translation-equivariant features is nearly blind to an object's position. O(B N D).
+  """
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask=None, bias=None):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    b, n, d = x.shape
+    probe = self.param("probe", partitioned(nn.initializers.normal(0.02), (None, "embed")),
+                       (1, d), self.param_dtype)
+    q = split_heads(jnp.broadcast_to(probe.astype(self.dtype), (b, 1, d)), self.num_heads)
+    h = layer_norm("ln", **kw)(x)
+    k = split_heads(dense(d, ("embed", "joined_kv"), name="key", **kw)(h), self.num_heads)
+    v = split_heads(dense(d, ("embed", "joined_kv"), name="value", **kw)(h), self.num_heads)
+    m = (jnp.ones((b, n), bool) if mask is None else mask.astype(bool))[:, None, :]
+    y = masked_attention(q, k, v, m, bias)
+    return dense(d, ("joined_kv", "embed"), name="out", **kw)(merge_heads(y))[:, 0]
