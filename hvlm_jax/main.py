@@ -29,10 +29,10 @@ _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initial
 def _user_errors():
   from hvlm_jax.config import ConfigError
   from hvlm_jax.data import AnnotationError, VideoError
-  from hvlm_jax.train.checkpoint import CheckpointNotFoundError
+  from hvlm_jax.train.checkpoint import CheckpointMismatchError, CheckpointNotFoundError
   from hvlm_jax.train.trainer import TrainingError
   return (ConfigError, AnnotationError, VideoError, FileNotFoundError,
-          CheckpointNotFoundError, TrainingError)
+          CheckpointNotFoundError, CheckpointMismatchError, TrainingError)
 
 
 def _quiet_libraries(record: logging.LogRecord) -> bool:

@@ -44,7 +44,8 @@ def run_steps(config, batches, example, mesh, steps=None):
   state, losses = t.state, []
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.flax_logical_rules()):
     for b in (batches if steps is None else [batches[0]] * steps):
-      state, metrics = t.train_step(state, sharding.global_batch(b, mesh), jax.random.key(1))
+      state, metrics = t.train_step(state, sharding.global_batch(b, mesh), jax.random.key(1),
+                                    None)
       losses.append(float(metrics["loss"]))
   return t, state, losses
 

@@ -1,8 +1,14 @@
 """Evaluation: run every head over a split and score it with the field's metrics.
 
-`evaluate_split` is shared by the trainer (validation during training) and by
-`python -m hvlm_jax.evaluate`, which restores parameters only, onto whatever devices are
-present, and writes metrics JSON, a markdown report and predictions.
+`evaluate_split` serves the trainer (validation during training) and
+`evaluate_checkpoint` serves `python -m hvlm_jax.evaluate`: it restores parameters only,
+onto whatever devices are present, and writes `WORKDIR/eval/{metrics,report,predictions}_
+{split}_step{N}` (JSON, markdown, JSON), never overwriting a good file with a failed one.
+
+Scoring: detection mAP by the ActivityNet protocol against every annotated segment, QA
+accuracy by normalised exact match against the annotated answer strings (answers outside the
+training answer vocabulary count as wrong, not as skipped), captions with BLEU / ROUGE-L /
+CIDEr-D against every reference caption, clip top-1 / top-5, each also per domain.
 """
 from __future__ import annotations
 
@@ -10,11 +16,13 @@ import logging
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from hvlm_jax.eval import metrics as metrics_lib
+from hvlm_jax.eval import report as report_lib
 from hvlm_jax.models import model as model_lib
+from hvlm_jax.models.heads.detection import detections_as_lists
 from hvlm_jax.train import sharding
 
 
@@ -31,34 +39,212 @@ def _mask_invalid(batch: dict) -> dict:
 
 
 def make_eval_step(config, model):
+  """(params, batch) -> (loss metrics, example count, predictions), one compiled program."""
   def eval_step(params, batch):
     batch = _mask_invalid(batch)
     outputs = model.apply({"params": params}, batch, train=False)
-    _, metrics = model_lib.compute_losses(outputs, batch, config)
-    counts = {"label_mask": batch["label_mask"].sum()} if "label_mask" in batch else {}
-    return metrics, counts, outputs
+    _, losses = model_lib.compute_losses(outputs, batch, config)
+    predictions = model.apply({"params": params}, batch, method=model_lib.HierarchicalVLM.predict)
+    return losses, batch["valid"].sum(), predictions
   return jax.jit(eval_step)
 
 
-def evaluate_split(config, model, params, split_data, vocabs, mesh, *, max_batches: int = 0,
-                   progress: bool = False) -> dict:
-  """Scores `params` on every video of `split_data`; returns a flat dict of metrics."""
-  from hvlm_jax import data as pipeline
+def run_split(config, model, params, split_data, vocabs, mesh, *, max_batches: int = 0,
+              progress: bool = False):
+  """Runs the model over a split; (mean losses, per-video prediction records)."""
+  from hvlm_jax import data as data_lib
   eval_step = make_eval_step(config, model)
-  sums, weights = {}, {}
-  batches = pipeline.eval_batches(config, split_data, vocabs,
+  sums, total = {}, 0.0
+  records = []
+  batches = data_lib.eval_batches(config, split_data, vocabs,
                                   process_index=jax.process_index(),
                                   process_count=jax.process_count())
   if progress:
     from tqdm import tqdm
-    batches = tqdm(batches, desc="eval", unit="batch")
+    n = data_lib.num_eval_batches(config, split_data)
+    batches = tqdm(batches, total=max_batches or n, desc=f"eval {split_data.name}",
+                   unit="batch")
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.flax_logical_rules()):
     for i, batch in enumerate(batches):
       if max_batches and i >= max_batches:
         break
-      metrics, counts, _ = eval_step(params, sharding.global_batch(batch, mesh))
-      n = float(counts.get("label_mask", batch["valid"].sum()))
-      for k, v in metrics.items():
-        sums[k] = sums.get(k, 0.0) + float(v) * n
-        weights[k] = weights.get(k, 0.0) + n
-  return {k: sums[k] / max(weights[k], 1e-9) for k in sums}
+      losses, count, preds = eval_step(params, sharding.global_batch(batch, mesh))
+      count = float(count)
+      for k, v in losses.items():
+        sums[k] = sums.get(k, 0.0) + float(v) * count
+      total += count
+      records.extend(_records(jax.device_get(_local(preds)), batch, split_data, vocabs))
+  return {k: v / max(total, 1.0) for k, v in sums.items()}, records
+
+
+def _local(tree):
+  """This process's rows of globally sharded prediction arrays."""
+  def rows(x):
+    if jax.process_count() == 1:
+      return x
+    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+    return np.concatenate([np.asarray(s.data) for s in shards])
+  return jax.tree.map(rows, tree)
+
+
+def _records(preds, batch, split_data, vocabs) -> list[dict]:
+  """Per-video predictions (strings and seconds) from one batch of arrays."""
+  detections = (detections_as_lists({k[len("detection_"):]: v for k, v in preds.items()
+                                     if k.startswith("detection_")})
+                if "detection_start" in preds else None)
+  out = []
+  for i in np.flatnonzero(batch["valid"]):
+    entry = split_data.entries[int(batch["index"][i])]
+    rec = dict(video_id=entry.video_id, domain=entry.domain)
+    if detections is not None:
+      rec["detections"] = [dict(start=s, end=e, label=vocabs.actions[lab], score=sc)
+                           for s, e, lab, sc in detections[i]]
+    if "qa_answer" in preds and entry.qa_pairs:
+      n = min(len(entry.qa_pairs), preds["qa_answer"].shape[1])
+      rec["qa"] = [dict(question=q, answer=a, predicted=vocabs.answers[int(preds["qa_answer"][i, j])])
+                   for j, (q, a) in enumerate(entry.qa_pairs[:n])]
+    if "caption_tokens" in preds:
+      rec["caption"] = vocabs.decode(preds["caption_tokens"][i])
+    if "classification_logits" in preds and bool(batch["label_mask"][i]):
+      rec["class_logits"] = np.asarray(preds["classification_logits"][i], np.float32)
+      rec["class_label"] = int(batch["label"][i])
+    out.append(rec)
+  return out
+
+
+def question_type(question: str) -> str:
+  """A question's type: its first two words ("what color", "how many", "is there")."""
+  return " ".join(question.lower().split()[:2])
+
+
+def score(records: list[dict], split_data, *, train_answers=None, meteor=False,
+          per_domain: bool = True) -> dict:
+  """Task metrics of prediction records (see `_records`) against the split's annotations."""
+  entries = {e.video_id: e for e in split_data.entries if e.video_id in
+             {r["video_id"] for r in records}}
+  result = {}
+  gt = [dict(video_id=v, start=s, end=e, label=lab) for v, en in entries.items()
+        for s, e, lab in en.actions or ()]
+  if gt and any("detections" in r for r in records):
+    preds = [dict(video_id=r["video_id"], **d) for r in records for d in r.get("detections", [])]
+    result["detection"] = metrics_lib.detection_map(preds, gt)
+  qa = [(r["video_id"], q) for r in records for q in r.get("qa", [])]
+  if qa:
+    result["qa"] = metrics_lib.qa_accuracy(
+        [q["predicted"] for _, q in qa], [q["answer"] for _, q in qa],
+        question_types=[question_type(q["question"]) for _, q in qa])
+    result["qa"]["majority_baseline"] = metrics_lib.qa_majority_baseline(
+        [q["answer"] for _, q in qa], train_answers)
+  refs = {v: list(e.captions) for v, e in entries.items() if e.captions}
+  if refs and any("caption" in r for r in records):
+    hyps = {r["video_id"]: r["caption"] for r in records if r["video_id"] in refs}
+    result["captioning"] = metrics_lib.caption_scores(refs, hyps, meteor=meteor)
+  cls = [r for r in records if "class_logits" in r]
+  if cls:
+    result["classification"] = metrics_lib.classification_topk(
+        np.stack([r["class_logits"] for r in cls]), np.asarray([r["class_label"] for r in cls]))
+  if per_domain:
+    domains = sorted({r["domain"] for r in records})
+    if len(domains) > 1:
+      result["per_domain"] = {}
+      for d in domains:
+        sub = [r for r in records if r["domain"] == d]
+        try:
+          result["per_domain"][d] = score(sub, split_data, train_answers=train_answers,
+                                          per_domain=False)
+        except metrics_lib.EmptyEvaluationError:
+          continue
+  return result
+
+
+def headline(metrics: dict) -> dict[str, float]:
+  """The scalars that summarise a scored split (logged and used to rank checkpoints)."""
+  out = {}
+  for task, key, name in (("detection", "mAP@0.50", "action_mAP@0.5"),
+                          ("detection", "mAP", "action_mAP"),
+                          ("qa", "accuracy", "qa_accuracy"),
+                          ("captioning", "CIDEr", "caption_CIDEr"),
+                          ("captioning", "BLEU-4", "caption_BLEU-4"),
+                          ("classification", "top1", "classification_top1")):
+    if task in metrics and key in metrics[task]:
+      out[name] = float(metrics[task][key])
+  return out
+
+
+def evaluate_split(config, model, params, split_data, vocabs, mesh, *, max_batches: int = 0,
+                   progress: bool = False) -> dict:
+  """Losses and headline metrics of `params` on a split: a flat dict of scalars."""
+  losses, records = run_split(config, model, params, split_data, vocabs, mesh,
+                              max_batches=max_batches, progress=progress)
+  try:
+    scored = headline(score(records, split_data, per_domain=False))
+  except metrics_lib.EmptyEvaluationError as e:
+    logging.warning("Validation metrics skipped: %s", e)
+    scored = {}
+  return dict(losses, **scored)
+
+
+def evaluate_checkpoint(config, workdir: str, *, step="latest", split: str = "test") -> dict:
+  """`python -m hvlm_jax.evaluate`: restore params, run every head, write the results."""
+  from hvlm_jax import config as config_lib
+  from hvlm_jax import data as data_lib
+  from hvlm_jax.train import trainer
+  from hvlm_jax.train.checkpoint import Checkpointer, abstract_with_shardings
+
+  workdir = os.path.abspath(workdir)
+  vocab_path = os.path.join(workdir, "vocabularies.json")
+  if not os.path.exists(vocab_path):
+    raise FileNotFoundError(f"{vocab_path} not found: --workdir must be a training run "
+                            "directory (it holds the vocabularies and checkpoints).")
+  vocabs = data_lib.Vocabularies.load(vocab_path)
+  config = trainer.prepare_config(config, vocabs)
+  config_lib.validate(config)
+  ckpt = Checkpointer(workdir, read_only=True, async_save=False)
+  step = ckpt.resolve(step)
+
+  # Evaluation runs on the devices present, whatever mesh trained the checkpoint.
+  mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
+  config.data.eval_batch_size = _round_up(config.data.eval_batch_size, mesh.size)
+  data_lib.ensure_dataset(config)
+  split_data = data_lib.load_split(config, split, training=False)
+  train_answers = None
+  try:
+    train = data_lib.load_split(config, "training", probe_durations=False)
+    train_answers = [a for e in train.entries for _, a in e.qa_pairs or ()]
+  except (FileNotFoundError, data_lib.AnnotationError) as e:
+    logging.warning("Majority-answer baseline without training answers: %s", e)
+  model = model_lib.build_model(config)
+  example = next(iter(data_lib.eval_batches(config, split_data, vocabs)))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.flax_logical_rules()):
+    boxed = jax.eval_shape(lambda r: model.init({"params": r, "dropout": r, "features": r},
+                                                example, train=False)["params"],
+                           jax.random.key(0))
+    abstract = jax.eval_shape(lambda r: nn.meta.unbox(model.init(
+        {"params": r, "dropout": r, "features": r}, example, train=False)["params"]),
+        jax.random.key(0))
+  target = abstract_with_shardings(abstract, sharding.tree_shardings(boxed, mesh))
+  params = ckpt.restore_params(step, target)
+  logging.info("Restored parameters of %s step %d onto %d device(s).", workdir, step, mesh.size)
+
+  losses, records = run_split(config, model, params, split_data, vocabs, mesh, progress=True)
+  metrics = score(records, split_data, train_answers=train_answers, meteor=None)
+  metrics["meta"] = dict(split=split, step=step, videos=len(records), workdir=workdir,
+                         devices=mesh.size)
+  metrics["losses"] = losses
+  if jax.process_index() == 0:
+    out = os.path.join(workdir, "eval")
+    os.makedirs(out, exist_ok=True)
+    name = f"{split}_step{step}"
+    report_lib.write_results(out, metrics, _jsonable(records), name=name)
+    logging.info("Results in %s/{metrics,report,predictions}_%s.*", out, name)
+    print(report_lib.markdown_report(metrics, f"{split} split, step {step}"))
+  return metrics
+
+
+def _round_up(n: int, k: int) -> int:
+  return -(-n // k) * k
+
+
+def _jsonable(records):
+  return [{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in r.items()}
+          for r in records]

@@ -19,7 +19,11 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 
 class CheckpointNotFoundError(FileNotFoundError):
-  pass
+  """No checkpoint (or not the requested step) in a run directory."""
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint's parameters do not fit the model the config builds."""
 
 
 class Checkpointer:
@@ -146,8 +150,18 @@ class Checkpointer:
 
   def restore_params(self, step: int, abstract_params) -> Any:
     """Restores parameters only, onto the shardings of `abstract_params`."""
-    restored = self.manager.restore(
-        step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
+    try:
+      restored = self.manager.restore(
+          step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
+    except ValueError as e:
+      if "do not match" not in str(e):
+        raise
+      missing = [line.split(":")[0].strip() for line in str(e).splitlines()
+                 if line.strip() and not line.startswith((" ", "\t", "User", "If "))][:3]
+      raise CheckpointMismatchError(
+          f"The parameters in {self.directory}/{step} do not match the model built from the "
+          f"given config (differences start at: {', '.join(missing)}); evaluate with the "
+          "config the run was trained with.") from None
     return restored["params"]
 
   def restore_config(self, step: int) -> dict:

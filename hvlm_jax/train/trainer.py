@@ -111,7 +111,7 @@ def build_training(config, mesh, example_batch, total_steps: int, rng) -> Traini
 
 def make_train_step(config, model, tx, schedule, state_shardings, mesh):
   """The jitted update: forward, multi-task loss, backward, optimizer, metrics."""
-  def train_step(state, batch, rng, *, merge_weights=None):
+  def train_step(state, batch, rng, merge_weights):
     rng = jax.random.fold_in(rng, state.step)
     dropout_rng, features_rng = jax.random.split(rng)
 
@@ -128,7 +128,7 @@ def make_train_step(config, model, tx, schedule, state_shardings, mesh):
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   replicated = NamedSharding(mesh, P())
-  return jax.jit(train_step, in_shardings=(state_shardings, None, replicated),
+  return jax.jit(train_step, in_shardings=(state_shardings, None, replicated, None),
                  out_shardings=(state_shardings, replicated), donate_argnums=0)
 
 
@@ -299,8 +299,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           steps_by_ratio[ratio] = make_train_step(
               config_r, model_lib.build_model(config_r), run.tx, run.schedule,
               run.state_shardings, mesh)
-        state, metrics = steps_by_ratio[ratio](state, batch, train_rng,
-                                                merge_weights=merge_weights)
+        state, metrics = steps_by_ratio[ratio](state, batch, train_rng, merge_weights)
         if merge_weights is not None:
           metrics = dict(metrics, compression_ratio=ratio, saliency_on=merge_weights[1])
         step += 1
