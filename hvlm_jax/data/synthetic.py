@@ -44,6 +44,10 @@ DOMAINS = ("sports", "tutorials", "news", "general")
 QUANTUM = 0.5  # Seconds; segment boundaries fall on this grid so steps of 0.5 s can find them.
 
 
+class DatasetError(ValueError):
+  """config.data.dir holds something other than this generator's dataset for the config."""
+
+
 # ----- content ------------------------------------------------------------------------------
 def sample_clip(rng: np.random.Generator, *, frame_size: int, duration: float,
                 domains=DOMAINS, max_objects: int = 3) -> dict:
@@ -395,12 +399,12 @@ def ensure_dataset(config, *, progress: bool = False) -> str:
 def _check_existing(root: str, settings: dict) -> None:
   marker = os.path.join(root, MARKER)
   if not os.path.exists(marker):
-    raise ValueError(
+    raise DatasetError(
         f"config.data.dir={root!r} exists but holds no complete synthetic dataset (no {MARKER}); "
         "delete it or point config.data.dir elsewhere.")
   with open(marker) as f:
     found = json.load(f)
   if found != json.loads(json.dumps(settings)):
-    raise ValueError(
+    raise DatasetError(
         f"The synthetic dataset in config.data.dir={root!r} was made with other settings "
         f"({marker}); delete it or point config.data.dir elsewhere.")
