@@ -160,6 +160,19 @@ def get_config(arg=None):
   heads.captioning = ml_collections.ConfigDict(dict(
       num_layers=2, label_smoothing=0.1, beam_size=3, length_penalty=0.6, max_length=24))
 
+  # Long videos (hvlm_jax/models/streaming.py): consecutive segments of one clip each
+  # (data.video.num_frames frames over segment_seconds), a memory bank of compressed summary
+  # tokens (MA-LMM merging of the most similar adjacent entries), detection stitched in seconds.
+  model.streaming = ml_collections.ConfigDict(dict(
+      enabled=True,  # Evaluation streams videos longer than auto_threshold segments.
+      auto_threshold=1.0,  # In segments: stream when duration > auto_threshold * segment_seconds.
+      segment_seconds=8.0,  # Video seconds per segment.
+      memory_capacity=64,  # Bank entries kept (C); the bank never grows beyond it.
+      summary_tokens=16,  # Entries one segment adds to the bank (K) before compression.
+      train_segments=4,  # Consecutive segments per training example (streaming_loss).
+      truncation=2,  # Truncated backprop: gradients cross this many segments (0: all).
+      remat_segments=True))  # Training keeps only the bank per segment, recomputes the rest.
+
   # ----- training -----------------------------------------------------------------------
   config.training = tr = ml_collections.ConfigDict()
   tr.num_steps = 0  # If 0, num_epochs decides.

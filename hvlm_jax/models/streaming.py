@@ -1,0 +1,419 @@
+"""Streaming over long videos with a compressed memory bank (MA-LMM, He et al. CVPR 2024).
+
+A long video is read as consecutive segments, each one clip of the configured size
+(data.video.num_frames frames over model.streaming.segment_seconds, hvlm_jax/data/segments.py).
+Segment s, given the bank (B, C, D) of the segments before it:
+  1. `HierarchicalVLM.encode` -> tokens (B, N, D), time features (B, T', D), grid tokens of each
+     step (B, T', P, D), exactly as for a clip (same parameters, same shapes).
+  2. Time features and grid tokens attend to the bank through a gated residual
+     x + tanh(g) * CrossMemoryAttention(LN(x), bank), g (D,) = 0 at init (Flamingo's tanh gate),
+     with log(entry size) on the memory logits (proportional attention: an entry standing for
+     k tokens weighs like k copies). The detection head reads them: per-step scores and
+     boundaries in video seconds go into a fixed-size candidate buffer (`detection_update`).
+  3. The bank takes in K summary tokens of the segment's encoder tokens (size-weighted means of
+     K runs of consecutive, time-major tokens, `memory.pool_tokens`) and `memory.compress_memory`
+     brings it back to C entries (MA-LMM: merge the most similar adjacent pair, repeat).
+After the last segment, classification, QA and captioning read the bank as their video tokens;
+detection runs class-wise NMS over the candidates of all segments (`detection_finish`).
+
+Device memory is constant in the number of segments: the state is the bank (C x D), K_pre
+candidates and one pending segment of scores, and one compiled program serves every segment.
+
+Parameters: HierarchicalVLM's tree plus `memory_reader` ({attention: {qkv, out_proj}, ln, gate};
+created only with the detection head, the per-segment reader of the bank). A
+normally trained checkpoint streams after `add_memory_params` (g = 0: the per-segment outputs
+are the clip model's until the gate is trained with `streaming_loss`).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import linen as nn
+
+from hvlm_jax.config import ConfigError
+from hvlm_jax.models import heads as heads_lib
+from hvlm_jax.models import model as model_lib
+from hvlm_jax.models.attention.memory import CrossMemoryAttention, compress_memory, pool_tokens
+from hvlm_jax.models.attention.sparse import pad_axis
+from hvlm_jax.models.heads.detection import nms_1d
+from hvlm_jax.models.layers import layer_norm, partitioned
+
+DEFAULTS = dict(enabled=True, auto_threshold=1.0, segment_seconds=8.0, memory_capacity=64,
+                summary_tokens=16, train_segments=4, truncation=2, remat_segments=True)
+NO_SCORE = -1.0  # Candidate-buffer filler: below any sigmoid score, so never kept.
+
+
+def streaming_options(model_config) -> ml_collections.ConfigDict:
+  """config.model.streaming with defaults for keys an older config.json lacks."""
+  given = model_config.get("streaming", None)
+  opts = ml_collections.ConfigDict(dict(DEFAULTS, **(given.to_dict() if given else {})))
+  if opts.memory_capacity < 1 or opts.summary_tokens < 1:
+    raise ConfigError("config.model.streaming.memory_capacity and summary_tokens must be >= 1.")
+  return opts
+
+
+class MemoryReader(nn.Module):
+  """x (B, L, D) reads the bank: x + tanh(g) * CrossMemoryAttention(LN(x), bank), with
+  log(bank_sizes) on the memory logits; x itself where the bank is empty. g (D,) starts at 0
+  (Flamingo's tanh gate), so a fresh reader leaves a trained clip model unchanged.
+  bank (B, C, D), bank_mask (B, C) bool, bank_sizes (B, C) float. O(L C D)."""
+  num_heads: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, bank, bank_mask, bank_sizes, *, deterministic=True):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = CrossMemoryAttention(num_heads=self.num_heads, name="attention", **kw)(
+        layer_norm("ln", **kw)(x), bank.astype(x.dtype), memory_mask=bank_mask,
+        key_bias=jnp.log(jnp.maximum(bank_sizes, 1e-30)), deterministic=deterministic)
+    gate = self.param("gate", partitioned(nn.initializers.zeros, ("embed",)), (x.shape[-1],),
+                      self.param_dtype)
+    h = jnp.tanh(gate.astype(jnp.float32)).astype(x.dtype) * h
+    return x + jnp.where(bank_mask.any(1)[:, None, None], h, 0).astype(x.dtype)
+
+
+class StreamingVLM(model_lib.HierarchicalVLM):
+  """HierarchicalVLM with a memory bank. Methods (all jit-able, via `model.apply`):
+
+  segment(batch, bank, bank_mask, bank_sizes) -> dict: one segment's summary (B, K, D),
+    summary_mask (B, K), summary_sizes (B, K), and detection_logits (B, T', C) /
+    detection_offsets (B, T', 2) read with the bank, router_logits (B, E) when built.
+  video_outputs(bank, bank_mask, bank_sizes, batch, train) -> classification, qa_logits,
+    caption_logits read from the bank (training outputs of HierarchicalVLM.__call__).
+  video_predict(bank, bank_mask, bank_sizes, batch) -> classification_logits, qa_answer,
+    qa_score, caption_tokens, caption_score (as HierarchicalVLM.predict).
+  __call__(batch) streams a clip batch as a one-segment video (HierarchicalVLM's output
+    format; `model.init(rng, clip_batch)` creates every parameter).
+  """
+
+  def setup(self):
+    super().setup()
+    cfg = self.config
+    self.memory_reader = MemoryReader(cfg.num_attention_heads, dtype=self.dtype,
+                                      param_dtype=jnp.dtype(cfg.param_dtype))
+
+  def segment(self, batch, bank, bank_mask, bank_sizes, *, train=False, merge_weights=None):
+    enc = self.encode(batch, train=train, merge_weights=merge_weights)
+    k = streaming_options(self.config).summary_tokens
+    tokens = enc["tokens"]
+    b, n, d = tokens.shape
+    summary, summary_mask, sizes = pool_tokens(tokens, enc["token_mask"], enc["token_bias"],
+                                               -(-n // k))
+    out = dict(summary=pad_axis(summary, k), summary_mask=pad_axis(summary_mask, k, value=False),
+               summary_sizes=pad_axis(sizes, k))
+    if enc["router_logits"] is not None:
+      out["router_logits"] = enc["router_logits"]
+    if self.detection_head is not None:
+      t = enc["time_features"].shape[1]
+      steps = enc["step_tokens"].reshape(b, -1, d)
+      x = jnp.concatenate([enc["time_features"].astype(steps.dtype), steps], 1)
+      x = self.memory_reader(x, bank, bank_mask, bank_sizes, deterministic=not train)
+      det = self.detection_head(x[:, :t], x[:, t:].reshape(enc["step_tokens"].shape),
+                                deterministic=not train)
+      out.update(detection_logits=det["logits"], detection_offsets=det["offsets"])
+    return out
+
+  def video_outputs(self, bank, bank_mask, bank_sizes, batch, *, train=False):
+    tokens, det = bank.astype(self.dtype), not train
+    bias = jnp.log(jnp.maximum(bank_sizes, 1e-30))
+    out = {}
+    if self.classification_head is not None:
+      out["classification"] = self.classification_head(tokens, bank_sizes * bank_mask)
+    if self.qa_head is not None:
+      out["qa_logits"] = self.qa_head(model_lib._get(batch, "questions", "video_qa"), tokens,
+                                      bank_mask, bias, deterministic=det)
+    if self.caption_head is not None:
+      captions = model_lib._get(batch, "caption_tokens", "captioning")
+      out["caption_logits"] = self.caption_head(captions[:, :-1], tokens, bank_mask, bias,
+                                                deterministic=det)
+    return out
+
+  def video_predict(self, bank, bank_mask, bank_sizes, batch):
+    tokens, c = bank.astype(self.dtype), self.config.heads.captioning
+    bias = jnp.log(jnp.maximum(bank_sizes, 1e-30))
+    out = {}
+    if self.classification_head is not None:
+      out["classification_logits"] = self.classification_head(tokens, bank_sizes * bank_mask)
+    if self.qa_head is not None:
+      probs = jax.nn.softmax(self.qa_head(model_lib._get(batch, "questions", "video_qa"),
+                                          tokens, bank_mask, bias))
+      out.update(qa_answer=probs.argmax(-1).astype(jnp.int32), qa_score=probs.max(-1))
+    if self.caption_head is not None:
+      decoder, variables = self.caption_head.unbind()
+      out["caption_tokens"], out["caption_score"] = heads_lib.generate(
+          decoder, variables, tokens, bank_mask, bias, max_length=c.max_length,
+          beam_size=c.beam_size, alpha=c.length_penalty)
+    return out
+
+  def __call__(self, batch, *, train=False, merge_weights=None):
+    b, opts = _batch_size(batch), streaming_options(self.config)
+    bank = empty_bank(b, opts.memory_capacity, self.config.hidden_size)
+    seg = self.segment(batch, *bank, train=train, merge_weights=merge_weights)
+    bank = compress_memory(*_append(bank, seg), opts.memory_capacity, _append_sizes(bank, seg))
+    out = self.video_outputs(*bank, batch, train=train)
+    for key in ("detection_logits", "detection_offsets", "router_logits"):
+      if key in seg:
+        out[key] = seg[key]
+    return out
+
+
+def build_streaming_model(config) -> StreamingVLM:
+  model_lib.check_model_config(config.model)
+  streaming_options(config.model)
+  policy = config.training.remat_policy if config.training.gradient_checkpointing else None
+  return StreamingVLM(ml_collections.FrozenConfigDict(config.model),
+                      dtype=model_lib.compute_dtype(config), remat_policy=policy)
+
+
+def add_memory_params(params, streaming_params):
+  """A HierarchicalVLM params tree completed with the streaming-only subtrees (fresh ones from
+  `streaming_params`, e.g. an init of the StreamingVLM); existing entries are kept as they are."""
+  out = dict(params)
+  for key, value in streaming_params.items():
+    out.setdefault(key, value)
+  return out
+
+
+# ----- the bank ------------------------------------------------------------------------------
+def empty_bank(batch_size: int, capacity: int, width: int):
+  """(bank (B, C, D) float32 zeros, mask (B, C) False, sizes (B, C) zeros)."""
+  return (jnp.zeros((batch_size, capacity, width), jnp.float32),
+          jnp.zeros((batch_size, capacity), bool), jnp.zeros((batch_size, capacity), jnp.float32))
+
+
+def _append(bank, seg):
+  return (jnp.concatenate([bank[0], seg["summary"].astype(jnp.float32)], 1),
+          jnp.concatenate([bank[1], seg["summary_mask"]], 1))
+
+
+def _append_sizes(bank, seg):
+  return jnp.concatenate([bank[2], seg["summary_sizes"].astype(jnp.float32)], 1)
+
+
+def update_bank(bank, seg, capacity: int, valid):
+  """Bank after a segment: its summary appended and compressed to `capacity` (MA-LMM), where
+  `valid` (B,) says the segment exists; unchanged elsewhere. Cost O(K (C + K) D)."""
+  new = compress_memory(*_append(bank, seg), capacity, _append_sizes(bank, seg))
+  return tuple(jnp.where(valid.reshape((-1,) + (1,) * (o.ndim - 1)), n, o)
+               for n, o in zip(new, bank))
+
+
+def _batch_size(batch) -> int:
+  return (batch["features"] if "features" in batch else batch["video"]).shape[0]
+
+
+# ----- detection stitching -------------------------------------------------------------------
+def detection_state(batch_size: int, num_steps: int, num_classes: int, *, window: int,
+                    pre_nms_top_k: int) -> dict:
+  """Empty stitching state: a candidate buffer (B, K) and one pending segment of scores."""
+  b, t, c, h, k = batch_size, num_steps, num_classes, window // 2, pre_nms_top_k
+  if window - 1 - h > num_steps:
+    raise ConfigError(f"config.model.heads.detection.smoothing_window={window} "
+                                f"reaches past the next segment ({num_steps} steps).")
+  z = lambda *s: jnp.zeros(s, jnp.float32)  # noqa: E731
+  return dict(cand_start=z(b, k), cand_end=z(b, k), cand_label=jnp.zeros((b, k), jnp.int32),
+              cand_score=jnp.full((b, k), NO_SCORE, jnp.float32),
+              pend_scores=z(b, t, c), pend_start=z(b, t), pend_end=z(b, t),
+              pend_valid=jnp.zeros((b, t), bool), left_scores=z(b, h, c),
+              left_valid=jnp.zeros((b, h), bool))
+
+
+def _emit(state, right_scores, right_valid, window: int):
+  """Pending segment -> candidates: scores smoothed over the video timeline (left context of
+  the segment before, right context of the one after; steps that do not exist do not count,
+  as `smooth_scores` at the ends of a clip), top-k merged into the buffer."""
+  t, k = state["pend_scores"].shape[1], state["cand_score"].shape[1]
+  seq = jnp.concatenate([state["left_scores"], state["pend_scores"], right_scores], 1)
+  valid = jnp.concatenate([state["left_valid"], state["pend_valid"], right_valid], 1)
+  pad = window - 1 - (seq.shape[1] - t)  # Right context missing at the end of the video.
+  seq = jnp.pad(jnp.where(valid[..., None], seq, 0.0), [(0, 0), (0, pad), (0, 0)])
+  counts = jnp.pad(valid.astype(jnp.float32), [(0, 0), (0, pad)])
+  total = sum(seq[:, i:i + t] for i in range(window))
+  smoothed = total / jnp.maximum(sum(counts[:, i:i + t] for i in range(window)), 1.0)[..., None]
+  b, c = smoothed.shape[0], smoothed.shape[2]
+  flat = jnp.where(state["pend_valid"][..., None], smoothed, NO_SCORE).reshape(b, t * c)
+  top, idx = jax.lax.top_k(flat, min(k, t * c))
+  step, label = idx // c, (idx % c).astype(jnp.int32)
+  pool = dict(score=jnp.concatenate([state["cand_score"], top], 1),
+              start=jnp.concatenate([state["cand_start"],
+                                     jnp.take_along_axis(state["pend_start"], step, 1)], 1),
+              end=jnp.concatenate([state["cand_end"],
+                                   jnp.take_along_axis(state["pend_end"], step, 1)], 1),
+              label=jnp.concatenate([state["cand_label"], label], 1))
+  best, sel = jax.lax.top_k(pool["score"], k)
+  return dict(state, cand_score=best, **{f"cand_{n}": jnp.take_along_axis(pool[n], sel, 1)
+                                          for n in ("start", "end", "label")})
+
+
+def detection_update(state, logits, offsets, step_times, step_duration, duration, step_valid,
+                     *, window: int) -> dict:
+  """Takes in one segment's head outputs; emits the previous segment's candidates.
+
+  logits (B, T', C), offsets (B, T', 2) in step units, step_times (B, T') video seconds of the
+  step centres, step_duration (B,), duration (B,) video seconds, step_valid (B, T') bool.
+  Boundaries are step_time -/+ offset * step_duration clipped to [0, duration], as
+  `decode_detections` does for a clip. A segment is emitted one segment late, once the steps
+  after it are known, so its smoothing crosses the border exactly.
+  """
+  scores = jax.nn.sigmoid(logits.astype(jnp.float32))
+  dur = step_duration.astype(jnp.float32)[:, None]
+  start = jnp.maximum(step_times - offsets[..., 0] * dur, 0.0)
+  end = jnp.minimum(step_times + offsets[..., 1] * dur, duration.astype(jnp.float32)[:, None])
+  r, h = window - 1 - window // 2, window // 2
+  state = _emit(state, scores[:, :r], step_valid[:, :r], window)
+  if h:
+    left = jnp.concatenate([state["left_scores"], state["pend_scores"]], 1)[:, -h:]
+    left_valid = jnp.concatenate([state["left_valid"], state["pend_valid"]], 1)[:, -h:]
+    state = dict(state, left_scores=left, left_valid=left_valid)
+  return dict(state, pend_scores=scores, pend_start=start, pend_end=end, pend_valid=step_valid)
+
+
+def detection_finish(state, *, window: int, nms_threshold: float, max_detections: int,
+                     min_score: float) -> dict:
+  """After the last segment: (B, m) start, end (seconds), label, score, valid, sorted by score,
+  m = min(max_detections, pre_nms_top_k); class-wise NMS across every segment border."""
+  b, _, c = state["pend_scores"].shape
+  state = _emit(state, jnp.zeros((b, 0, c)), jnp.zeros((b, 0), bool), window)
+  s, e, lab, top = (state[f"cand_{n}"] for n in ("start", "end", "label", "score"))
+  keep = jax.vmap(nms_1d, in_axes=(0, 0, 0, 0, None))(s, e, lab, top, nms_threshold)
+  keep = keep & (top >= min_score) & (top > NO_SCORE) & (e > s)
+  best, sel = jax.lax.top_k(jnp.where(keep, top, -1.0), min(max_detections, top.shape[1]))
+  take = lambda x: jnp.take_along_axis(x, sel, 1)  # noqa: E731
+  return dict(start=take(s), end=take(e), label=take(lab), score=best, valid=best >= 0)
+
+
+# ----- inference: one compiled step per segment ----------------------------------------------
+def init_state(model: StreamingVLM, batch_size: int, num_steps: int) -> dict:
+  """Streaming state of B videos: the bank, detection stitching, router logits summed."""
+  cfg, opts = model.config, streaming_options(model.config)
+  bank = empty_bank(batch_size, opts.memory_capacity, cfg.hidden_size)
+  state = dict(bank=bank[0], bank_mask=bank[1], bank_sizes=bank[2],
+               segments=jnp.zeros((batch_size,), jnp.int32))
+  if "action_detection" in cfg.heads.tasks:
+    d = cfg.heads.detection
+    state["detection"] = detection_state(batch_size, num_steps, cfg.heads.num_classes,
+                                         window=max(d.smoothing_window, 1),
+                                         pre_nms_top_k=d.pre_nms_top_k)
+  if model_lib.uses_router(cfg):
+    state["router_sum"] = jnp.zeros((batch_size, cfg.domain_modules.num_domains), jnp.float32)
+  return state
+
+
+def segment_step(model: StreamingVLM, variables, state: dict, batch: dict,
+                 merge_weights=None) -> dict:
+  """One segment of B videos (hvlm_jax/data/segments.py schema: video or features, step_times
+  (B, T'), step_duration, duration, segment_valid (B,), domain) -> the next state."""
+  bank = (state["bank"], state["bank_mask"], state["bank_sizes"])
+  seg = model.apply(variables, batch, *bank, merge_weights=merge_weights,
+                    method=StreamingVLM.segment)
+  valid = batch["segment_valid"]
+  new = update_bank(bank, seg, streaming_options(model.config).memory_capacity, valid)
+  state = dict(state, bank=new[0], bank_mask=new[1], bank_sizes=new[2],
+               segments=state["segments"] + valid.astype(jnp.int32))
+  if "detection" in state:
+    step_valid = valid[:, None] & (batch["step_times"] < batch["duration"][:, None])
+    state["detection"] = detection_update(
+        state["detection"], seg["detection_logits"], seg["detection_offsets"],
+        batch["step_times"], batch["step_duration"], batch["duration"], step_valid,
+        window=max(model.config.heads.detection.smoothing_window, 1))
+  if "router_sum" in state:
+    state["router_sum"] = state["router_sum"] + jnp.where(
+        valid[:, None], jax.nn.log_softmax(seg["router_logits"].astype(jnp.float32)), 0.0)
+  return state
+
+
+def finish(model: StreamingVLM, variables, state: dict, batch: dict) -> dict:
+  """After the last segment: HierarchicalVLM.predict's outputs for the whole videos. `batch`
+  holds the video-level fields (questions, domain); detections are in video seconds."""
+  out = model.apply(variables, state["bank"], state["bank_mask"], state["bank_sizes"], batch,
+                    method=StreamingVLM.video_predict)
+  if "detection" in state:
+    d = model.config.heads.detection
+    decoded = detection_finish(state["detection"], window=max(d.smoothing_window, 1),
+                               nms_threshold=d.nms_threshold, max_detections=d.max_detections,
+                               min_score=d.min_score)
+    out.update({f"detection_{k}": v for k, v in decoded.items()})
+  if "domain" in batch:
+    out["domain"] = batch["domain"]
+  if "router_sum" in state:
+    out["router_domain"] = state["router_sum"].argmax(-1).astype(jnp.int32)
+  return out
+
+
+def stream_predict(step_fn, finish_fn, variables, video_batch: dict, segments, *,
+                   num_steps: int, init_fn, put=lambda b: b) -> dict:
+  """Host loop over lazily read segment batches: init_fn(B, T') -> state, step_fn(variables,
+  state, put(segment)) per segment, finish_fn(variables, state, put(video_batch)).
+  Host memory holds one segment batch at a time (the iterator's)."""
+  state = init_fn(len(video_batch["valid"]), num_steps)
+  for seg in segments:
+    state = step_fn(variables, state, put(seg))
+  return finish_fn(variables, state, put(video_batch))
+
+
+# ----- training with memory ------------------------------------------------------------------
+def stream_outputs(model: StreamingVLM, variables, batch: dict, *, train=False, rngs=None,
+                   merge_weights=None) -> dict:
+  """Segments of one video in sequence (lax.scan) -> HierarchicalVLM.__call__'s outputs, with
+  detection_logits (B, S T', C) / detection_offsets (B, S T', 2) on the stitched timeline.
+
+  batch: video (B, S, T, H, W, 3) or features (B, S, T, F), step_times (B, S, T'),
+  segment_valid (B, S) bool, plus video-level fields. Truncated backprop: the bank is cut off
+  the gradient before every `truncation`-th segment (0: never); with `remat_segments` the scan
+  saves only the bank per segment and recomputes the segment in the backward pass.
+  """
+  opts = streaming_options(model.config)
+  key = "features" if "features" in batch else "video"
+  per_segment = {k: jnp.moveaxis(batch[k], 1, 0) for k in (key, "step_times", "segment_valid")}
+  fixed = {k: batch[k] for k in ("domain",) if k in batch}
+  b = batch[key].shape[0]
+
+  def body(bank, xs):
+    index, seg_in = xs
+    if opts.truncation:
+      cut = index % opts.truncation == 0
+      bank = tuple(jnp.where(cut, jax.lax.stop_gradient(x), x) for x in bank)
+    seg_rngs = None if rngs is None else {n: jax.random.fold_in(r, index) for n, r in rngs.items()}
+    seg = model.apply(variables, dict(fixed, **{key: seg_in[key]}), *bank, train=train,
+                      merge_weights=merge_weights, rngs=seg_rngs, method=StreamingVLM.segment)
+    bank = update_bank(bank, seg, opts.memory_capacity, seg_in["segment_valid"])
+    ys = {k: v for k, v in seg.items() if k.startswith(("detection_", "router_"))}
+    if "detection_logits" in ys:  # Padding steps: logit -1e4 gives exactly zero focal / BCE loss.
+      ys["detection_logits"] = jnp.where(seg_in["segment_valid"][:, None, None],
+                                         ys["detection_logits"], -1e4)
+    return bank, ys
+
+  if opts.remat_segments:
+    body = jax.checkpoint(body)
+  num = per_segment[key].shape[0]
+  bank = empty_bank(b, opts.memory_capacity, model.config.hidden_size)
+  bank, ys = jax.lax.scan(body, bank, (jnp.arange(num), per_segment))
+  out = model.apply(variables, *bank, batch, train=train, rngs=rngs,
+                    method=StreamingVLM.video_outputs)
+  for k, v in ys.items():  # (S, B, T', ...) -> (B, S T', ...); router: mean over segments.
+    out[k] = v.mean(0) if k == "router_logits" else jnp.moveaxis(v, 0, 1).reshape(
+        b, -1, *v.shape[3:])
+  return out
+
+
+def flatten_segments(batch: dict) -> dict:
+  """Per-segment targets (B, S, T', ...) laid out on the stitched timeline (B, S T', ...)."""
+  out = dict(batch)
+  for k in ("action_targets", "action_offsets", "step_times"):
+    if k in out:
+      out[k] = out[k].reshape(out[k].shape[0], -1, *out[k].shape[3:])
+  return out
+
+
+def streaming_loss(model: StreamingVLM, params, batch: dict, config, *, rngs=None,
+                   merge_weights=None, train=True):
+  """(total, metrics) of `compute_losses` on `stream_outputs`: detection over every step of
+  every segment, QA / captioning / classification from the bank after the last segment.
+  batch: the streaming training schema of hvlm_jax/data/segments.py."""
+  outputs = stream_outputs(model, {"params": params}, batch, train=train, rngs=rngs,
+                           merge_weights=merge_weights)
+  return model_lib.compute_losses(outputs, flatten_segments(batch), config)
