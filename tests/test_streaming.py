@@ -118,3 +118,211 @@ def test_stitching_equals_decode_detections_on_the_concatenated_timeline(window)
     np.testing.assert_allclose(np.asarray(out[k]), np.asarray(ref[k]), rtol=1e-5, atol=1e-6,
                                err_msg=k)
   assert np.asarray(ref["valid"]).sum() >= 4
+
+
+# ----- the model -----------------------------------------------------------------------------
+def init(model, batch):
+  return nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), batch))["params"]
+
+
+def naive_summaries(tokens, k):
+  """K means of runs of ceil(N / K) consecutive tokens and their token counts (numpy)."""
+  n = tokens.shape[1]
+  g = -(-n // k)
+  groups = [np.asarray(tokens[:, i:i + g], np.float64) for i in range(0, n, g)]
+  return (np.stack([x.mean(1) for x in groups], 1),
+          np.array([x.shape[1] for x in groups], np.float64))
+
+
+def reference_reader(p, x, memory, sizes, heads):
+  """x + tanh(g) * softmax cross-attention of LN(x) to `memory` (every entry real), with
+  log(sizes) on the logits; numpy float64 from the reader's parameters."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
+  x = np.asarray(x, np.float64)
+  h = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
+  h = h * p["ln"]["scale"] + p["ln"]["bias"]
+  proj = lambda y, n: y @ p["attention"]["qkv"][n]["kernel"] + p["attention"]["qkv"][n]["bias"]
+  split = lambda y: y.reshape(*y.shape[:-1], heads, -1)  # noqa: E731
+  q, k, v = split(proj(h, "query")), split(proj(memory, "key")), split(proj(memory, "value"))
+  logits = np.einsum("bnhd,bmhd->bhnm", q, k) / np.sqrt(q.shape[-1]) + np.log(sizes)
+  w = np.exp(logits - logits.max(-1, keepdims=True))
+  y = np.einsum("bhnm,bmhd->bnhd", w / w.sum(-1, keepdims=True), v).reshape(x.shape)
+  out = y @ p["attention"]["out_proj"]["out"]["kernel"] + p["attention"]["out_proj"]["out"]["bias"]
+  return x + np.tanh(p["gate"]) * out
+
+
+def test_streaming_with_a_large_bank_equals_attending_to_the_concatenated_memory():
+  config = tiny_config(tasks=("classification", "action_detection", "video_qa"))
+  opts = config.model.streaming
+  opts.summary_tokens, opts.memory_capacity = 3, 9  # 8 tokens per segment -> runs of 3, 3, 2.
+  b, num = 2, 3
+  segs = [tiny_batch(seed) for seed in range(num)]
+  valid = np.array([[True, True], [True, True], [True, False]])  # Video 1 has 2 segments.
+  base_model, model = model_lib.build_model(config), streaming.build_streaming_model(config)
+  base = init(base_model, segs[0])
+  params = streaming.add_memory_params(base, init(model, segs[0]))
+  params["memory_reader"]["gate"] = jnp.full_like(params["memory_reader"]["gate"], 0.8)
+  v = {"params": params}
+
+  def segment_batch(i):
+    return dict(video=segs[i]["video"], domain=segs[i]["domain"],
+                step_times=segs[i]["step_times"] + 2.0 * i, step_duration=np.ones(b, np.float32),
+                duration=np.full(b, 6.0, np.float32), segment_valid=valid[i])
+
+  state = streaming.init_state(model, b, 2)
+  step = jax.jit(lambda v, s, x: streaming.segment_step(model, v, s, x))
+  for i in range(num):
+    state = step(v, state, segment_batch(i))
+
+  # Explicit reference: each segment encoded alone, summaries by naive means, concatenated.
+  encode = jax.jit(lambda v, x: model.apply(v, x, method="encode"))
+  encs = [encode(v, segment_batch(i)) for i in range(num)]
+  summaries, sizes = zip(*(naive_summaries(e["tokens"], 3) for e in encs))
+  concat = np.concatenate(summaries, 1)  # (B, 9, D)
+  all_sizes = np.concatenate(sizes)
+  np.testing.assert_allclose(state["bank"][0], concat[0], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(state["bank"][1, :6], concat[1, :6], rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(state["bank_mask"], [[True] * 9, [True] * 6 + [False] * 3])
+  np.testing.assert_allclose(state["bank_sizes"][0], all_sizes)
+
+  # Segment 3's detection reads the bank = [S1, S2]: numpy cross-attention to the concatenation.
+  e = encs[2]
+  t = e["time_features"].shape[1]
+  x = np.concatenate([e["time_features"], np.reshape(e["step_tokens"], (b, -1, 32))], 1)
+  x = reference_reader(params["memory_reader"], x, concat[:, :6], all_sizes[:6], 2)
+  head = jax.jit(lambda v, f, s: model.apply(v, f, s, method=lambda m, f, s: m.detection_head(f, s)))
+  ref3 = head(v, x[:, :t].astype(np.float32), x[:, t:].reshape(e["step_tokens"].shape).astype(
+      np.float32))["logits"]
+  np.testing.assert_allclose(state["detection"]["pend_scores"], jax.nn.sigmoid(ref3), rtol=1e-4,
+                             atol=1e-6)
+
+  # After the last segment, QA reads [S1, S2, S3] (video 0) and [S1, S2] (video 1).
+  video = dict(segs[0], questions=segs[0]["questions"])
+  outs = jax.jit(lambda v, s, x: model.apply(v, s["bank"], s["bank_mask"], s["bank_sizes"], x,
+                                             method="video_outputs"))(v, state, video)
+  qa = lambda m, q, mem, bias: m.qa_head(q, mem, None, bias)  # noqa: E731
+  for i, m in ((0, 9), (1, 6)):
+    ref = model.apply(v, video["questions"][i:i + 1], concat[i:i + 1, :m].astype(np.float32),
+                      np.log(all_sizes[None, :m]).astype(np.float32), method=qa)
+    np.testing.assert_allclose(outs["qa_logits"][i:i + 1], ref, rtol=1e-4, atol=1e-5)
+
+  # The training path (lax.scan over segments) computes the same; with an empty bank (segment
+  # 1) the streaming model is the clip model itself, from a normally trained parameter tree.
+  stacked = dict(video, video=np.stack([s["video"] for s in segs], 1), segment_valid=valid.T)
+  train_out = jax.jit(lambda v, x: streaming.stream_outputs(model, v, x))(v, stacked)
+  clip = base_model.apply({"params": base}, segs[0])
+  np.testing.assert_allclose(train_out["detection_logits"][:, :t], clip["detection_logits"],
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(train_out["detection_logits"][0, 2 * t:], ref3[0], rtol=1e-4,
+                             atol=1e-5)
+  np.testing.assert_array_equal(train_out["detection_logits"][1, 2 * t:], -1e4)
+  np.testing.assert_allclose(train_out["qa_logits"], outs["qa_logits"], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(train_out["classification"], outs["classification"], rtol=1e-5,
+                             atol=1e-5)
+
+
+def features_setup(truncation):
+  config = tiny_config(tasks=("video_qa",))
+  opts = config.model.streaming
+  opts.summary_tokens, opts.memory_capacity, opts.truncation = 2, 3, truncation
+  rng = np.random.default_rng(5)
+  batch = dict(features=rng.normal(size=(2, 3, 4, 8)).astype(np.float32),  # (B, S, T, F)
+               segment_valid=np.ones((2, 3), bool), valid=np.ones(2, bool),
+               questions=rng.integers(1, 20, (2, 2, 5)).astype(np.int32),
+               answers=np.array([[1, 2], [3, 4]], np.int32), qa_mask=np.ones((2, 2), bool))
+  model = streaming.build_streaming_model(config)
+  params = init(model, dict(batch, features=batch["features"][:, 0]))
+
+  def loss(features):
+    return streaming.streaming_loss(model, params, dict(batch, features=features), config,
+                                    train=False)[0]
+  return loss, batch["features"]
+
+
+def test_truncated_backprop_cuts_the_bank_gradient_and_gradients_match_finite_differences():
+  # 3 segments, 2 summaries each, capacity 3: merges happen from segment 2 on.
+  full_loss, x = features_setup(truncation=0)
+  grad = np.asarray(jax.jit(jax.grad(full_loss))(x))
+  assert all(np.abs(grad[:, s]).sum() > 0 for s in range(3))  # QA reaches every segment.
+  direction = np.random.default_rng(6).normal(size=x.shape).astype(np.float32)
+  f = jax.jit(full_loss)
+  eps = 1e-2
+  numeric = (float(f(x + eps * direction)) - float(f(x - eps * direction))) / (2 * eps)
+  assert numeric == pytest.approx(float((grad * direction).sum()), rel=2e-3, abs=1e-6)
+
+  cut_loss, _ = features_setup(truncation=2)  # The bank is cut before segments 0 and 2.
+  cut = np.asarray(jax.jit(jax.grad(cut_loss))(x))
+  np.testing.assert_array_equal(cut[:, :2], 0.0)
+  assert np.abs(cut[:, 2]).sum() > 0
+  assert float(cut_loss(x)) == pytest.approx(float(f(x)), rel=1e-6)  # Same forward pass.
+
+
+# ----- lazy segment reading ------------------------------------------------------------------
+def data_setup(durations=(6.0, 10.0), eval_batch_size=4):
+  """Videos of index frames at 5 fps; segments of 2 s with 4 frames of 16 x 16."""
+  config = tiny_data_config(data_dir="unused")
+  config.data.video.num_frames, config.data.video.frame_size = 4, 16
+  config.data.eval_batch_size = eval_batch_size
+  config.model.streaming.segment_seconds = 2.0
+  root = tmp_dir("segments")
+  entries = []
+  for i, d in enumerate(durations):
+    path = f"{root}/v{i}.mp4"
+    write_video(path, index_frames(int(d * 5)), fps=5, gop=5)
+    entries.append(VideoEntry(f"v{i}", path, duration=d, actions=[(1.0, 6.5, "jump")],
+                              qa_pairs=[("what", "jump")], captions=["a jump"]))
+  split = SplitData("validation", root, entries)
+  vocabs = Vocabularies(["<pad>", "<unk>", "<bos>", "<eos>", "a", "jump", "what"], ["jump"],
+                        ["jump"], ["general"])
+  return config, split, vocabs
+
+
+def test_lazy_segments_equal_decoding_each_segment_on_its_own():
+  config, split, _ = data_setup()
+  path = split.entries[1].path
+  times_of = lambda s: segments_lib.segment_times(s, 2.0, 4)  # noqa: E731
+  # Segments 1..4 of the 10 s video in one pass; the first target (2.25 s) needs no seek;
+  # segments 3..4 start at 6.25 s > SEEK_GAP and seek to a keyframe first.
+  for first, count in ((1, 4), (3, 2)):
+    got = list(segments_lib.decoded_segments(path, times_of, first, count))
+    assert len(got) == count
+    for s, (frames, pts) in zip(range(first, first + count), got):
+      ref, ref_pts, _ = video_lib.decode_clip(path, lambda d, s=s: times_of(s))
+      np.testing.assert_array_equal(frames, ref)
+      np.testing.assert_allclose(pts, ref_pts)
+      # Closed form: the frame shown at t is frame floor(5 t), whose pixels are 4 * index.
+      np.testing.assert_array_equal(frames[:, 0, 0, 0], 4 * np.floor(5 * times_of(s)))
+
+
+def test_streaming_eval_batches_lay_out_segments_of_videos_of_different_lengths():
+  config, split, vocabs = data_setup()
+  (video, segs), = list(segments_lib.streaming_eval_batches(config, split, vocabs))
+  np.testing.assert_array_equal(video["valid"], [True, True, False, False])
+  np.testing.assert_array_equal(video["num_segments"][:2], [3, 5])
+  batches = list(segs)
+  assert len(batches) == 5  # The longest video of the batch.
+  for s, batch in enumerate(batches):
+    np.testing.assert_array_equal(batch["segment_valid"], [s < 3, True, False, False])
+    np.testing.assert_allclose(batch["step_times"][0], 2.0 * s + np.array([0.5, 1.5]))
+    expected = 4 * np.floor(5 * segments_lib.segment_times(s, 2.0, 4))
+    for k in np.flatnonzero(batch["segment_valid"]):
+      np.testing.assert_array_equal(batch["video"][k, :, 0, 0, 0], expected)
+    np.testing.assert_array_equal(batch["video"][~batch["segment_valid"]], 0)
+
+
+def test_training_segments_have_the_targets_of_their_whole_window():
+  config, split, vocabs = data_setup(durations=(10.0,))
+  config.model.streaming.train_segments = 3
+  config.data.augment.enabled = False
+  element = segments_lib._StreamingTrainElement(config, split, vocabs, 0, 0, 1, None)
+  ex = element(0)
+  first = int(round(ex["step_times"][0, 0] / 2.0 - 0.25))  # Random start segment.
+  ref = action_targets([(1.0, 6.5, "jump")], np.array([0]), first * 2.0, 6.0, 6, 1)
+  np.testing.assert_array_equal(ex["action_targets"].reshape(6, 1), ref["action_targets"])
+  np.testing.assert_allclose(ex["action_offsets"].reshape(6, 2), ref["action_offsets"],
+                             rtol=1e-6)
+  np.testing.assert_allclose(ex["step_times"].reshape(6), ref["step_times"])
+  assert ex["step_duration"] == 1.0 and ex["segment_valid"].all()
+  expected = 4 * np.floor(5 * np.concatenate(
+      [segments_lib.segment_times(first + s, 2.0, 4) for s in range(3)]))
+  np.testing.assert_array_equal(ex["video"][:, :, 0, 0, 0].reshape(-1), expected)

@@ -361,14 +361,14 @@ def stream_outputs(model: StreamingVLM, variables, batch: dict, *, train=False, 
   """Segments of one video in sequence (lax.scan) -> HierarchicalVLM.__call__'s outputs, with
   detection_logits (B, S T', C) / detection_offsets (B, S T', 2) on the stitched timeline.
 
-  batch: video (B, S, T, H, W, 3) or features (B, S, T, F), step_times (B, S, T'),
-  segment_valid (B, S) bool, plus video-level fields. Truncated backprop: the bank is cut off
+  batch: video (B, S, T, H, W, 3) or features (B, S, T, F), segment_valid (B, S) bool, plus
+  video-level fields (domain, questions, caption_tokens). Truncated backprop: the bank is cut off
   the gradient before every `truncation`-th segment (0: never); with `remat_segments` the scan
   saves only the bank per segment and recomputes the segment in the backward pass.
   """
   opts = streaming_options(model.config)
   key = "features" if "features" in batch else "video"
-  per_segment = {k: jnp.moveaxis(batch[k], 1, 0) for k in (key, "step_times", "segment_valid")}
+  per_segment = {k: jnp.moveaxis(batch[k], 1, 0) for k in (key, "segment_valid")}
   fixed = {k: batch[k] for k in ("domain",) if k in batch}
   b = batch[key].shape[0]
 
