@@ -345,3 +345,20 @@ def test_attention_pool_matches_naive_softmax_pooling_and_sees_position():
   np.testing.assert_allclose(grids[0].mean(0), grids[1].mean(0), rtol=1e-6)
   out = pool.apply({"params": params}, grids)
   assert float(np.abs(out[0] - out[1]).max()) > 1e-3
+
+
+def test_grid_positions_pool_knows_where_an_object_is():
+  from hvlm_jax.models.heads.text import AttentionPool
+  pos = np.asarray(detection.grid_positions(9, 8))  # 3 x 3 grid, row-major
+  np.testing.assert_array_equal(pos[3, :4], pos[5, :4])  # same row: same row half
+  np.testing.assert_array_equal(pos[1, 4:], pos[7, 4:])  # same column: same column half
+  assert np.abs(pos[0] - pos[4]).max() > 0.5
+  obj = np.zeros((9, 8), np.float32)
+  grids = np.stack([obj.copy(), obj.copy()])
+  grids[0, 2, 0] = grids[1, 6, 0] = 5.0  # one object, at (0, 2) then at (2, 0)
+  pool = AttentionPool(num_heads=2)
+  params = pool.init(jax.random.key(1), grids)
+  plain = pool.apply(params, grids)  # a token set without positions is permutation invariant
+  np.testing.assert_allclose(plain[0], plain[1], rtol=1e-5, atol=1e-6)
+  placed = pool.apply(params, grids, positions=jnp.asarray(pos))
+  assert float(jnp.abs(placed[0] - placed[1]).max()) > 1e-3

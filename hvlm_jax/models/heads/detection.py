@@ -1,9 +1,11 @@
 """Temporal action detection: anchor-free per-step classification and boundary regression.
 
 Head (ActionFormer, Zhang et al. 2022, single scale): on per-time-step features (B, T', D),
-plus, when the grid tokens of each step are given, their attention pooling (a learned probe
-per step, heads/text.AttentionPool: the spatial mean is nearly blind to where an object is,
-and so to which way it moves), a few pre-LN temporal convolutions, then per step (a) C class logits (sigmoid; bias set to the
+plus, when the grid tokens of each step are given, their attention pooling with fixed 2-D
+sinusoidal (row, column) encodings added (a learned probe per step, heads/text.AttentionPool:
+the spatial mean is nearly blind to where an object is, and so to which way it moves; the
+fixed encodings make "where" explicit from step 0 instead of waiting for the encoder's
+position embeddings to grow), a few pre-LN temporal convolutions, then per step (a) C class logits (sigmoid; bias set to the
 prior p = 0.01 as in RetinaNet) and (b) distances from the step centre to the action's start
 and end, in units of the step duration (softplus, so >= 0).
 
@@ -26,7 +28,7 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from hvlm_jax.models.heads.text import AttentionPool
+from hvlm_jax.models.heads.text import AttentionPool, sinusoidal_positions
 from hvlm_jax.models.layers import Dtype, layer_norm, partitioned
 
 
@@ -56,7 +58,8 @@ class DetectionHead(nn.Module):
     x = features
     if step_tokens is not None and step_tokens.shape[2] > 1:
       pooled = AttentionPool(self.num_heads, name="step_pool", **kw)(
-          step_tokens.reshape(b * t, *step_tokens.shape[2:]))
+          step_tokens.reshape(b * t, *step_tokens.shape[2:]),
+          positions=grid_positions(step_tokens.shape[2], d))
       x = x + pooled.reshape(b, t, d).astype(x.dtype)
     for i in range(self.num_layers):
       h = nn.gelu(conv(d, ("conv", "embed", "mlp"), f"conv_{i}")(
@@ -69,6 +72,19 @@ class DetectionHead(nn.Module):
     offsets = jax.nn.softplus(conv(2, ("conv", "embed", None), "offsets",
                                    dtype=jnp.float32)(x))
     return dict(logits=logits, offsets=offsets)
+
+
+def grid_positions(p: int, dim: int) -> jax.Array:
+  """(P, dim) fixed encodings of a square grid's (row, column), row-major (P = h * w).
+
+  Half the channels encode the row, half the column (sinusoids of Vaswani et al. 2017); a
+  non-square P is treated as one row.
+  """
+  h = math.isqrt(p)
+  h = h if h * h == p else 1
+  idx = jnp.arange(p)
+  return jnp.concatenate([sinusoidal_positions(idx // (p // h), dim // 2),
+                          sinusoidal_positions(idx % (p // h), dim - dim // 2)], axis=-1)
 
 
 def sigmoid_focal_loss(logits, targets, alpha: float = 0.25, gamma: float = 2.0):

@@ -144,23 +144,26 @@ class AttentionPool(nn.Module):
   """Multi-head attention pooling with a learned probe query (MAP: Lee et al. 2019's PMA, as
   in big_vision's MAPHead).
 
-  Call: `(x: (B, N, D), mask: (B, N) bool | None, bias: (B, N) float | None) -> (B, D)`.
-  Unlike a mean, the weights depend on content, so the result keeps *where* a salient token
-  is (its position embedding survives in the residual stream): a mean over space of
-  translation-equivariant features is nearly blind to an object's position. O(B N D).
+  Call: `(x: (B, N, D), mask: (B, N) bool | None, bias: (B, N) float | None, positions:
+  (N, D) | None) -> (B, D)`. `positions` (fixed encodings) are added to the normalised tokens
+  before the key/value projections. Unlike a mean, the weights depend on content, so the
+  result keeps *where* a salient token is: a mean over space of translation-equivariant
+  features is nearly blind to an object's position. O(B N D).
   """
   num_heads: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, mask=None, bias=None):
+  def __call__(self, x, mask=None, bias=None, positions=None):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     b, n, d = x.shape
     probe = self.param("probe", partitioned(nn.initializers.normal(0.02), (None, "embed")),
                        (1, d), self.param_dtype)
     q = split_heads(jnp.broadcast_to(probe.astype(self.dtype), (b, 1, d)), self.num_heads)
     h = layer_norm("ln", **kw)(x)
+    if positions is not None:
+      h = h + positions.astype(h.dtype)
     k = split_heads(dense(d, ("embed", "joined_kv"), name="key", **kw)(h), self.num_heads)
     v = split_heads(dense(d, ("embed", "joined_kv"), name="value", **kw)(h), self.num_heads)
     m = (jnp.ones((b, n), bool) if mask is None else mask.astype(bool))[:, None, :]
