@@ -1,0 +1,272 @@
+"""Runs a study: trains each variant, scores it on the test split, writes the results table.
+
+    python experiments/run.py --study=attention_ablation
+    python experiments/run.py --study=merging_sweep --steps=200 --layers=2
+    python experiments/run.py --study=experiments/lora_new_domain.py --variants=pretrain,scratch
+
+A study is a config file in experiments/ with VARIANTS (and optionally INIT_FROM, PER_DOMAIN;
+see experiments/common.py). Per variant, in table order: `train_and_evaluate` into
+<workdir>/<study>/<variant> (a rerun resumes from its checkpoints), then `evaluate_checkpoint`
+on --split. A variant listed in INIT_FROM starts from its parent's last checkpoint. Each
+finished variant's row is saved to <out>/<study>/runs/<variant>.json and reused by later runs
+with the same budget (--rerun to redo), so an interrupted study continues where it stopped;
+a failing variant is recorded with its error and the others still run.
+
+Writes <out>/<study>/results.{md,csv,json}. Wall-clock columns (train clips/s, train
+minutes) come from a machine that may be shared: compare them within one table only.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import logging
+import os
+import platform
+import struct
+import subprocess
+import sys
+import time
+import traceback
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _ROOT)
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from hvlm_jax.config import import_sibling  # noqa: E402
+
+_STUDY = flags.DEFINE_string("study", None, "Study name (experiments/<name>.py) or path.")
+_VARIANTS = flags.DEFINE_list("variants", [], "Subset of the study's variants (default all).")
+_STEPS = flags.DEFINE_integer("steps", 150, "Training steps per variant.")
+_LAYERS = flags.DEFINE_integer("layers", 2, "Encoder blocks.")
+_BATCH = flags.DEFINE_integer("batch_size", 16, "Global batch size.")
+_SPLIT = flags.DEFINE_string("split", "test", "Split to score.")
+_OUT = flags.DEFINE_string("out", "benchmarks/studies", "Results directory.")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/studies", "Training run directories.")
+_RERUN = flags.DEFINE_bool("rerun", False, "Ignore saved rows and train / evaluate again.")
+
+HEADLINE = (("action_mAP@0.5", "mAP@0.5"), ("action_mAP", "mAP"), ("qa_accuracy", "QA acc"),
+            ("caption_CIDEr", "CIDEr"), ("caption_BLEU-4", "BLEU-4"),
+            ("classification_top1", "top-1"))
+
+
+def load_study(study: str):
+  path = study if study.endswith(".py") else os.path.join(_ROOT, "experiments", f"{study}.py")
+  if not os.path.exists(path):
+    raise app.UsageError(f"--study={study!r}: no file {path}.")
+  return os.path.splitext(os.path.basename(path))[0], import_sibling(path, os.path.basename(path))
+
+
+def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
+  """Scalars from tensorboardX event files (TFRecord framing parsed directly)."""
+  from tensorboardX.proto import event_pb2
+  out: dict[str, list[tuple[int, float]]] = {}
+  for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
+    with open(path, "rb") as f:
+      data = f.read()
+    pos = 0
+    while pos + 12 <= len(data):
+      (n,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+      pos += 12 + n + 4
+      for v in event.summary.value:
+        out.setdefault(v.tag, []).append((event.step, v.simple_value))
+  return out
+
+
+class _TrainableCount(logging.Handler):
+  """Catches the trainer's "Trainable parameters: X of Y" line."""
+
+  def __init__(self):
+    super().__init__(logging.INFO)
+    self.text = ""
+
+  def emit(self, record):
+    message = record.getMessage()
+    if message.startswith("Trainable parameters:"):
+      self.text = message.split(":", 1)[1].split("(")[0].strip()
+
+
+def run_variant(study, study_name: str, name: str, workdir: str) -> dict:
+  """Trains and scores one variant; returns its row (metrics, budget, timings)."""
+  from hvlm_jax.eval import evaluate as evaluate_lib
+  from hvlm_jax.train import trainer
+  arg = f"variant={name},steps={_STEPS.value},layers={_LAYERS.value},batch_size={_BATCH.value}"
+  config = study.get_config(arg)
+  parent = getattr(study, "INIT_FROM", {}).get(name)
+  if parent:
+    config.init_from = os.path.abspath(os.path.join(workdir, parent))
+    if not os.path.isdir(os.path.join(config.init_from, "checkpoints")):
+      raise FileNotFoundError(f"Variant {name!r} starts from {parent!r}, which has no "
+                              f"checkpoints in {config.init_from}; run {parent!r} first.")
+  wd = os.path.join(workdir, name)
+  counter = _TrainableCount()
+  logging.getLogger().addHandler(counter)
+  load = [os.getloadavg()[0]]
+  t0 = time.perf_counter()
+  try:
+    trainer.train_and_evaluate(config, wd)
+  finally:
+    logging.getLogger().removeHandler(counter)
+  train_s = time.perf_counter() - t0
+  load.append(os.getloadavg()[0])
+  metrics = evaluate_lib.evaluate_checkpoint(config, wd, step="latest", split=_SPLIT.value)
+  scalars = read_scalars(os.path.join(wd, "tensorboard"))
+  rates = [v for _, v in scalars.get("train/clips_per_second", [])][1:]  # 1st: compile.
+  row = dict(variant=name, changes=describe(study.VARIANTS[name], parent), status="ok",
+             trainable=counter.text, steps=_STEPS.value, layers=_LAYERS.value,
+             batch_size=_BATCH.value, train_loss=_last(scalars.get("train/loss")),
+             test_loss=metrics.get("losses", {}).get("loss", float("nan")),
+             train_clips_per_s=float(np.median(rates)) if rates else float("nan"),
+             train_minutes=train_s / 60, load=load, workdir=wd)
+  row.update(evaluate_lib.headline(metrics))
+  if "qa" in metrics:
+    row["qa_majority_baseline"] = metrics["qa"]["majority_baseline"]["accuracy"]
+  for domain, m in sorted(metrics.get("per_domain", {}).items()):
+    row.update({f"{domain}/{k}": v for k, v in evaluate_lib.headline(m).items()})
+  return row
+
+
+def _quiet_libraries(record: logging.LogRecord) -> bool:
+  """INFO from this project, WARNING and up from libraries (orbax, grain, jax)."""
+  return record.levelno >= logging.WARNING or "hvlm_jax" in record.pathname or (
+      "experiments" in record.pathname)
+
+
+def _last(series):
+  return series[-1][1] if series else float("nan")
+
+
+def describe(overrides: dict, parent: str | None) -> str:
+  text = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items()) or "demo defaults"
+  return text + (f"; init_from={parent}" if parent else "")
+
+
+def main(argv):
+  del argv
+  if not _STUDY.value:
+    raise app.UsageError("--study is required (e.g. --study=attention_ablation).")
+  logging.getLogger().setLevel(logging.INFO)
+  for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
+    handler.addFilter(_quiet_libraries)
+  name, study = load_study(_STUDY.value)
+  variants = _VARIANTS.value or list(study.VARIANTS)
+  unknown = [v for v in variants if v not in study.VARIANTS]
+  if unknown:
+    raise app.UsageError(f"--variants: {unknown} not in {name}: {', '.join(study.VARIANTS)}.")
+  out = os.path.join(_OUT.value, name)
+  os.makedirs(os.path.join(out, "runs"), exist_ok=True)
+  workdir = os.path.join(_WORKDIR.value, name)
+  budget = dict(steps=_STEPS.value, layers=_LAYERS.value, batch_size=_BATCH.value,
+                split=_SPLIT.value)
+  rows = []
+  for v in variants:
+    saved = os.path.join(out, "runs", f"{v}.json")
+    if os.path.exists(saved) and not _RERUN.value:
+      with open(saved) as f:
+        row = json.load(f)
+      if row.get("budget") == budget and row.get("status") == "ok":
+        logging.info("%s/%s: reusing %s", name, v, saved)
+        rows.append(row)
+        continue
+    logging.info("%s/%s: training %d steps", name, v, _STEPS.value)
+    try:
+      row = run_variant(study, name, v, workdir)
+    except Exception as e:  # One broken variant must not lose the others' results.
+      logging.error("%s/%s failed:\n%s", name, v, traceback.format_exc())
+      row = dict(variant=v, changes=describe(study.VARIANTS[v], None),
+                 status=f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    row["budget"] = budget
+    with open(saved + ".tmp", "w") as f:
+      json.dump(row, f, indent=1, default=float)
+    os.replace(saved + ".tmp", saved)
+    rows.append(row)
+    jax.clear_caches()
+  write_results(out, name, study, rows, budget)
+
+
+def _meta(name, study, budget) -> dict:
+  config = study.get_config(f"steps={budget['steps']},layers={budget['layers']},"
+                            f"batch_size={budget['batch_size']}")
+  try:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=_ROOT,
+                            capture_output=True, text=True).stdout.strip()
+  except OSError:
+    commit = ""
+  m, d = config.model, config.data
+  return dict(study=name, description=(study.__doc__ or "").strip().splitlines()[0],
+              command="python experiments/run.py " + " ".join(sys.argv[1:]), commit=commit,
+              device=f"{jax.devices()[0].platform} x{jax.device_count()} "
+                     f"({platform.machine()}, {os.cpu_count()} cores, shared)",
+              budget=budget, width=m.hidden_size, heads=m.num_attention_heads,
+              mlp=m.mlp_dim, frames=d.video.num_frames, frame_size=d.video.frame_size,
+              dataset=f"{d.name} {dict(d.synthetic.num_videos)}", seed=config.seed,
+              learning_rate=config.training.learning_rate)
+
+
+def write_results(out, name, study, rows, budget):
+  meta = _meta(name, study, budget)
+  keys = []
+  for r in rows:
+    keys += [k for k in r if k not in keys and k != "budget"]
+  with open(os.path.join(out, "results.csv"), "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+  with open(os.path.join(out, "results.json"), "w") as f:
+    json.dump(dict(meta=meta, rows=rows), f, indent=1, default=float)
+  text = markdown(meta, rows, getattr(study, "PER_DOMAIN", False))
+  with open(os.path.join(out, "results.md"), "w") as f:
+    f.write(text)
+  print(text)
+
+
+def _f(x, digits=3):
+  return "-" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{digits}f}"
+
+
+def markdown(meta, rows, per_domain: bool) -> str:
+  b = meta["budget"]
+  baseline = [r["qa_majority_baseline"] for r in rows if "qa_majority_baseline" in r]
+  lines = [
+      f"# Study: {meta['study']}", "", meta["description"], "",
+      f"**Budget: {b['steps']} training steps per variant, {b['layers']} encoder blocks, batch "
+      f"{b['batch_size']}** (the demo trains 600 steps with 4 blocks), width {meta['width']}, "
+      f"{meta['heads']} heads, MLP {meta['mlp']}, {meta['frames']} frames of "
+      f"{meta['frame_size']}^2, learning rate {meta['learning_rate']}, seed {meta['seed']}, one "
+      f"run per variant (no error bars). Data: {meta['dataset']}; scored on the "
+      f"{b['split']} split. " + (f"QA majority-answer baseline: {baseline[0]:.3f}. "
+                                 if baseline else "") +
+      f"Commit {meta['commit']}; {meta['device']}; `{meta['command']}`.", "",
+      "| variant | changes | trainable params | train loss | test loss | " +
+      " | ".join(h for _, h in HEADLINE) + " | train clips/s* | train min* |",
+      "|---" * (7 + len(HEADLINE)) + "|"]
+  for r in rows:
+    if r.get("status") != "ok":
+      lines.append(f"| {r['variant']} | {r['changes']} | {r['status']} |" + " |" *
+                   (4 + len(HEADLINE)))
+      continue
+    lines.append(
+        f"| {r['variant']} | {r['changes']} | {r['trainable']} | {_f(r['train_loss'])} | "
+        f"{_f(r['test_loss'])} | " + " | ".join(_f(r.get(k)) for k, _ in HEADLINE) +
+        f" | {_f(r['train_clips_per_s'], 2)} | {_f(r['train_minutes'], 1)} |")
+  if per_domain:
+    domains = sorted({k.split("/")[0] for r in rows for k in r if "/" in k})
+    cols = [(d, k, h) for d in domains for k, h in HEADLINE[:1] + HEADLINE[2:4]]
+    lines += ["", "Per domain (test split):", "",
+              "| variant | " + " | ".join(f"{d} {h}" for d, _, h in cols) + " |",
+              "|---" * (1 + len(cols)) + "|"]
+    for r in rows:
+      if r.get("status") == "ok":
+        lines.append(f"| {r['variant']} | " +
+                     " | ".join(_f(r.get(f"{d}/{k}")) for d, k, _ in cols) + " |")
+  lines += ["", "\\* Wall-clock on a CPU shared with other jobs (train minutes include "
+            "compilation and checkpointing): compare within this table only.", ""]
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,148 @@
+"""Study configs in experiments/: every variant loads, validates and changes only what it says.
+
+Cheap: no training, no compilation. The runner's table and event-file reader are checked on
+hand-made inputs.
+"""
+import glob
+import os
+import types
+
+import numpy as np
+import pytest
+
+from hvlm_jax import config as config_lib
+from hvlm_jax.config import ConfigError, import_sibling
+from hvlm_jax.data.pipeline import domain_weights
+from hvlm_jax.models import model as model_lib
+from hvlm_jax.models.token_merging import MergingSpec, merge_schedule
+from hvlm_jax.train import state as state_lib
+
+_EXPERIMENTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "experiments")
+common = import_sibling(os.path.join(_EXPERIMENTS, "common.py"), "common.py")
+run = import_sibling(os.path.join(_EXPERIMENTS, "run.py"), "run.py")
+
+
+def _studies():
+  out = {}
+  for path in sorted(glob.glob(os.path.join(_EXPERIMENTS, "*.py"))):
+    if os.path.basename(path) in ("common.py", "run.py", "__init__.py"):
+      continue
+    module = import_sibling(path, os.path.basename(path))
+    if hasattr(module, "VARIANTS"):
+      out[os.path.splitext(os.path.basename(path))[0]] = module
+  return out
+
+
+STUDIES = _studies()
+CASES = [(s, v) for s, m in STUDIES.items() for v in m.VARIANTS]
+
+
+def _flat(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
+  return out
+
+
+def test_the_five_studies_of_the_issue_exist():
+  assert {"attention_ablation", "merging_sweep", "merging_importance", "lora_new_domain",
+          "experts"} <= set(STUDIES)
+
+
+@pytest.mark.parametrize("study,variant", CASES)
+def test_every_variant_loads_and_validates(study, variant):
+  config = STUDIES[study].get_config(f"variant={variant}")
+  config_lib.validate(config)
+  model_lib.check_model_config(config.model)
+  state_lib.finetune_mode(config)
+  spec = MergingSpec.from_config(config.model.token_merging)
+  if spec is not None:  # The token budget must be feasible for every block.
+    t, p, _ = config.model.tubelet_size
+    n = config.data.video.num_frames // t * (config.data.video.frame_size // p) ** 2
+    merge_schedule(n, config.model.num_layers, spec.target_compression_ratio, spec.schedule,
+                   spec.protect_fraction)
+  split = types.SimpleNamespace(root="fake", entries=[types.SimpleNamespace(domain=d)
+                                                      for d in config.data.domains])
+  domain_weights(config, split)  # Raises on a domain_balancing spec naming no domain.
+
+
+@pytest.mark.parametrize("study,variant", CASES)
+def test_variant_changes_only_its_declared_keys(study, variant):
+  overrides = STUDIES[study].VARIANTS[variant]
+  reference = _flat(common.study_config("", {"reference": {}}).to_dict())
+  changed = _flat(STUDIES[study].get_config(f"variant={variant}").to_dict())
+  assert set(changed) == set(reference)
+  differing = {k for k in reference if changed[k] != reference[k]}
+  assert differing <= set(overrides)
+  for k, v in overrides.items():
+    assert changed[k] == v, k
+
+
+def test_budget_arguments_reach_the_config():
+  config = STUDIES["attention_ablation"].get_config("variant=mamba,steps=37,layers=3,"
+                                                    "batch_size=8")
+  assert config.training.num_steps == 37 and config.model.num_layers == 3
+  assert config.data.batch_size == config.data.eval_batch_size == 8
+  assert config.model.attention.type == "mamba"
+  assert config.training.eval_every_steps == 0
+  assert config.training.checkpoint_every_steps == 37
+
+
+def test_attention_windows_align_to_the_demo_frame():
+  # Demo: 64 x 64 frames, 8 x 8 patches -> 64 tokens per frame (pair).
+  att = STUDIES["attention_ablation"].get_config("variant=full").model.attention
+  assert att.strided.stride == att.local_global.window == att.hierarchical.window == 64
+  assert att.local_global.tokens_per_frame == att.cross_memory.pool_size == 64
+  assert tuple(att.hierarchical.pool_sizes) == (16,)
+
+
+def test_lora_study_pretrains_without_the_new_domain_and_finetunes_on_it_alone():
+  study = STUDIES["lora_new_domain"]
+  domains = ["sports", "tutorials", "news", "general", "general", "news"]
+  split = types.SimpleNamespace(root="fake", entries=[types.SimpleNamespace(domain=d)
+                                                      for d in domains])
+  is_new = np.array([d == study.NEW_DOMAIN for d in domains])
+  pre = domain_weights(study.get_config("variant=pretrain"), split)
+  assert pre[is_new].sum() == 0 and np.isclose(pre.sum(), 1)
+  # Each old domain equally likely: 1/3, split among its examples.
+  np.testing.assert_allclose(pre[~is_new], [1 / 3, 1 / 3, 1 / 6, 1 / 6])
+  for name, parent in study.INIT_FROM.items():
+    assert list(study.VARIANTS).index(parent) < list(study.VARIANTS).index(name)
+    fine = domain_weights(study.get_config(f"variant={name}"), split)
+    np.testing.assert_allclose(fine, np.where(is_new, 0.5, 0.0))
+  assert study.get_config("variant=finetune_lora").training.finetune == "lora"
+
+
+def test_unknown_variant_and_key_fail_naming_them():
+  with pytest.raises(ConfigError, match="'nope'.*full"):
+    STUDIES["attention_ablation"].get_config("variant=nope")
+  with pytest.raises(ConfigError, match="model.attention.typo"):
+    common.apply_overrides(STUDIES["attention_ablation"].get_config(),
+                           {"model.attention.typo": 1})
+
+
+def test_event_reader_returns_the_written_scalars(tmp_path):
+  from tensorboardX import SummaryWriter
+  w = SummaryWriter(str(tmp_path))
+  for step, v in ((20, 3.5), (40, 2.25)):
+    w.add_scalar("train/loss", v, step)
+  w.close()
+  assert run.read_scalars(str(tmp_path))["train/loss"] == [(20, 3.5), (40, 2.25)]
+
+
+def test_results_table_states_the_budget_and_keeps_failed_rows():
+  meta = dict(study="s", description="d", budget=dict(steps=150, layers=2, batch_size=16,
+                                                      split="test"),
+              width=128, heads=4, mlp=256, frames=16, frame_size=64, learning_rate=1e-3,
+              seed=0, dataset="synthetic", commit="abc", device="cpu", command="c")
+  ok = dict(variant="a", changes="type=full", status="ok", trainable="10", train_loss=1.0,
+            test_loss=2.0, train_clips_per_s=3.0, train_minutes=4.0, qa_accuracy=0.5,
+            qa_majority_baseline=0.25)
+  text = run.markdown(meta, [ok, dict(variant="b", changes="x", status="failed: boom")], False)
+  assert "150 training steps per variant, 2 encoder blocks" in text
+  assert "| a | type=full | 10 | 1.000 | 2.000 | - | - | 0.500 |" in text
+  assert "| b | x | failed: boom |" in text
+  assert "baseline: 0.250" in text

@@ -1,0 +1,278 @@
+"""Train-step throughput, achieved FLOP/s against this machine's matmul peak, and peak memory.
+
+    python tools/benchmark_train.py --out benchmarks/train
+    python tools/benchmark_train.py --config=configs/demo.py:attention=performer \
+        --config.model.num_layers=2 --variants=f32,f32_remat --rounds=2
+
+The step is the trainer's own (`trainer.build_training(...).train_step`: forward, multi-task
+loss, backward, AdamW), jitted with its shardings on the mesh of `config.mesh`. One real batch
+is taken from the data pipeline of the config (the synthetic demo dataset is generated on
+first use, as training does) and placed on the devices once, so the timing is of the step
+alone, not of video decoding. Variants (`--variants`):
+  f32, f32_remat, bf16, bf16_remat   float32 or `training.mixed_precision` (bfloat16 compute,
+                                     float32 params and optimizer state), with or without
+                                     `training.gradient_checkpointing` (remat per block).
+Per variant:
+  step_s          median wall time of one step (`--rounds` rounds x `--steps` steps, variants
+                  and the matmul probe interleaved round by round, so load from other
+                  processes on a shared machine hits all alike; `step_min_s` is the minimum).
+  clips_per_s     batch size / step_s; tokens_per_s likewise with the encoder's tokens.
+  xla_gflop       `compiled.cost_analysis()["flops"]` of the step. With remat it includes the
+                  recomputed forward; XLA counts a loop body once, so a step with while loops
+                  (scan-based attention, beam search) is undercounted (`has_loops`).
+  gflops_per_s    xla_gflop / step_s; `useful_gflops_per_s` uses the f32 no-remat count
+                  instead (recomputation is not useful work).
+  matmul_fraction gflops_per_s / the dense float32 matmul GFLOP/s measured in the same rounds
+                  (a jitted (M x M) @ (M x M), `--matmul_size`).
+  *_mib           `compiled.memory_analysis()`: arguments (state + batch), temporaries,
+                  outputs, aliased (donated) bytes; peak_mib = arguments + temporaries +
+                  outputs - aliased, the live set XLA plans for the step.
+Writes <out>/results.{csv,json,md}.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from flax import linen as nn  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from hvlm_jax import config as config_lib  # noqa: E402
+from hvlm_jax import data as data_lib  # noqa: E402
+from hvlm_jax.train import sharding, trainer  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Training config.")
+_OUT = flags.DEFINE_string("out", "benchmarks/train", "Output directory.")
+_VARIANTS = flags.DEFINE_list("variants", ["f32", "f32_remat", "bf16", "bf16_remat"],
+                              "Precision / remat variants (see the module docstring).")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "Interleaved timing rounds.")
+_STEPS = flags.DEFINE_integer("steps", 2, "Timed steps per variant per round.")
+_MATMUL = flags.DEFINE_integer("matmul_size", 2048, "M of the (M x M) @ (M x M) probe.")
+
+VARIANTS = {
+    "f32": dict(mixed_precision=False, gradient_checkpointing=False),
+    "f32_remat": dict(mixed_precision=False, gradient_checkpointing=True),
+    "bf16": dict(mixed_precision=True, gradient_checkpointing=False),
+    "bf16_remat": dict(mixed_precision=True, gradient_checkpointing=True),
+}
+
+
+def real_batch(config):
+  """(config with data-dependent head sizes, one training batch as numpy) from the pipeline."""
+  data_lib.ensure_dataset(config)
+  split = data_lib.load_split(config, "training")
+  vocabs = data_lib.Vocabularies.build(split, config)
+  config = trainer.prepare_config(config, vocabs)
+  batch = next(data_lib.make_train_iterator(config, split, vocabs, seed=config.seed,
+                                            process_index=0, process_count=1))
+  return config, batch
+
+
+def with_training(config, **training):
+  config = ml_collections.ConfigDict(config.to_dict())
+  for k, v in training.items():
+    config.training[k] = v
+  return config
+
+
+def encoder_tokens(config) -> int:
+  t, p, _ = config.model.tubelet_size
+  s = config.data.video.frame_size
+  return (config.data.video.num_frames // t) * (s // p) ** 2
+
+
+def compiled_stats(compiled) -> dict:
+  """FLOPs and the memory XLA plans for a compiled program (bytes -> MiB)."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  mem = compiled.memory_analysis()
+  mib = lambda b: b / 2 ** 20
+  args, temp = mem.argument_size_in_bytes, mem.temp_size_in_bytes
+  out, alias = mem.output_size_in_bytes, mem.alias_size_in_bytes
+  return dict(xla_gflop=cost.get("flops", float("nan")) / 1e9,
+              has_loops="while(" in compiled.as_text(),
+              argument_mib=mib(args), temp_mib=mib(temp), output_mib=mib(out),
+              alias_mib=mib(alias), peak_mib=mib(args + temp + out - alias))
+
+
+class StepRunner:
+  """One variant: its sharded state, the compiled step and the batch already on device."""
+
+  def __init__(self, name, config, batch, mesh):
+    self.name, self.config = name, config
+    total = max(int(config.training.num_steps), 1)
+    rng = jax.random.key(config.seed)
+    t = time.perf_counter()
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.flax_logical_rules()):
+      self.batch = sharding.global_batch(batch, mesh)
+      run = trainer.build_training(config, mesh, batch, total, rng)
+      self.state, self.rng = run.state, jax.random.fold_in(rng, 1)
+      _, self.merge_weights = trainer.merging_controls(config, total)
+      lowered = run.train_step.lower(self.state, self.batch, self.rng, self.merge_weights)
+      self.step = lowered.compile()
+    self.compile_s = time.perf_counter() - t
+    self.stats = compiled_stats(self.step)
+    self.params = int(sum(x.size for x in jax.tree.leaves(self.state.params)))
+    self.times: list[float] = []
+    self.run(1)  # Warm-up: first-run allocations.
+    self.times.clear()
+
+  def run(self, steps: int):
+    for _ in range(steps):
+      t = time.perf_counter()
+      self.state, metrics = self.step(self.state, self.batch, self.rng, self.merge_weights)
+      jax.block_until_ready(metrics["loss"])
+      self.times.append(time.perf_counter() - t)
+    self.loss = float(metrics["loss"])
+
+
+def matmul_probe(m: int):
+  """A jitted float32 (m x m) @ (m x m) and its FLOP count (2 m^3)."""
+  a = jax.random.normal(jax.random.key(0), (m, m), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (m, m), jnp.float32)
+  f = jax.jit(jnp.matmul).lower(a, b).compile()
+  jax.block_until_ready(f(a, b))
+
+  def timed():
+    t = time.perf_counter()
+    jax.block_until_ready(f(a, b))
+    return time.perf_counter() - t
+  return timed, 2.0 * m ** 3
+
+
+def main(argv):
+  del argv
+  base_config = _CONFIG.value
+  config_lib.validate(base_config)
+  unknown = [v for v in _VARIANTS.value if v not in VARIANTS]
+  if unknown:
+    raise app.UsageError(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}.")
+  os.makedirs(_OUT.value, exist_ok=True)
+  mesh = sharding.make_mesh(base_config.mesh)
+  config, batch = real_batch(base_config)
+  runners = []
+  for name in _VARIANTS.value:
+    runners.append(StepRunner(name, with_training(config, **VARIANTS[name]), batch, mesh))
+    r = runners[-1]
+    print(f"compiled {name} in {r.compile_s:.1f} s: {r.stats['xla_gflop']:.1f} GFLOP, peak "
+          f"{r.stats['peak_mib']:.0f} MiB (temp {r.stats['temp_mib']:.0f})", flush=True)
+  matmul, matmul_flop = matmul_probe(_MATMUL.value)
+  matmul_times, loads = [], []
+  for i in range(_ROUNDS.value):
+    for r in runners:
+      r.run(_STEPS.value)
+    matmul_times += [matmul() for _ in range(3)]
+    loads.append(os.getloadavg()[0])
+    print(f"round {i + 1}/{_ROUNDS.value}: " + ", ".join(
+        f"{r.name} {statistics.median(r.times[-_STEPS.value:]):.2f} s" for r in runners) +
+        f"; matmul {matmul_flop / min(matmul_times[-3:]) / 1e9:.0f} GFLOP/s; "
+        f"load {loads[-1]:.1f}", flush=True)
+  rows = summarize(runners, config, matmul_flop / statistics.median(matmul_times) / 1e9,
+                   matmul_flop / min(matmul_times) / 1e9)
+  meta = dict(
+      command="python tools/benchmark_train.py " + " ".join(sys.argv[1:]),
+      device=f"{jax.devices()[0].platform} x{jax.device_count()}", cpus=os.cpu_count(),
+      jax=jax.__version__, mesh=dict(mesh.shape), batch_size=int(config.data.batch_size),
+      frames=int(config.data.video.num_frames), frame_size=int(config.data.video.frame_size),
+      tokens=encoder_tokens(config), attention=config.model.attention.type,
+      merging=bool(config.model.token_merging.enabled),
+      model={k: config.model[k] for k in ("hidden_size", "num_layers", "num_attention_heads",
+                                          "mlp_dim")},
+      remat_policy=config.training.remat_policy, rounds=_ROUNDS.value, steps=_STEPS.value,
+      matmul_size=_MATMUL.value, load_avg=loads,
+      matmul_gflops_median=rows[0]["matmul_gflops"], matmul_gflops_best=rows[0][
+          "matmul_gflops_best"],
+      note="Wall times on a CPU shared with other jobs (load_avg: 1-min load per round); "
+           "compare variants within this run only.")
+  write(rows, meta, _OUT.value)
+
+
+def summarize(runners, config, matmul_gflops, matmul_best):
+  useful = next((r.stats["xla_gflop"] for r in runners if r.name == "f32"), float("nan"))
+  rows = []
+  for r in runners:
+    step = statistics.median(r.times)
+    row = dict(variant=r.name, **VARIANTS[r.name], params=r.params, step_s=step,
+               step_min_s=min(r.times), clips_per_s=config.data.batch_size / step,
+               tokens_per_s=config.data.batch_size * encoder_tokens(config) / step,
+               **r.stats, compile_s=r.compile_s, final_loss=r.loss)
+    row["gflops_per_s"] = row["xla_gflop"] / step
+    row["useful_gflops_per_s"] = useful / step
+    row["matmul_gflops"], row["matmul_gflops_best"] = matmul_gflops, matmul_best
+    row["matmul_fraction"] = row["gflops_per_s"] / matmul_gflops
+    row["useful_matmul_fraction"] = row["useful_gflops_per_s"] / matmul_gflops
+    rows.append(row)
+  return rows
+
+
+def write(rows, meta, out):
+  with open(os.path.join(out, "results.csv"), "w", newline="") as fh:
+    w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+  with open(os.path.join(out, "results.json"), "w") as fh:
+    json.dump(dict(meta=meta, rows=rows), fh, indent=1, default=str)
+  table = markdown(rows, meta)
+  with open(os.path.join(out, "results.md"), "w") as fh:
+    fh.write(table)
+  print(table)
+
+
+def markdown(rows, meta) -> str:
+  m = meta["model"]
+  lines = [
+      "# Train-step benchmark", "", f"`{meta['command']}`", "",
+      f"Device: {meta['device']} ({meta['cpus']} cores, shared; 1-min load per round "
+      f"{', '.join(f'{v:.1f}' for v in meta['load_avg'])}); jax {meta['jax']}; mesh "
+      f"{meta['mesh']}. Model: width {m['hidden_size']}, {m['num_layers']} layers, "
+      f"{m['num_attention_heads']} heads, MLP {m['mlp_dim']}, attention {meta['attention']}, "
+      f"merging {meta['merging']}; batch {meta['batch_size']} clips of {meta['frames']} x "
+      f"{meta['frame_size']}^2 ({meta['tokens']} tokens). Remat policy: "
+      f"{meta['remat_policy']}. Dense f32 matmul ({meta['matmul_size']}^2) in the same rounds: "
+      f"{meta['matmul_gflops_median']:.0f} GFLOP/s median, {meta['matmul_gflops_best']:.0f} "
+      "best. Times: median of "
+      f"{meta['rounds']} x {meta['steps']} steps per variant, interleaved; relative within this "
+      "run only.", "",
+      "| variant | step s (min) | clips/s | tokens/s | XLA GFLOP/step | GFLOP/s | of matmul | "
+      "useful GFLOP/s | of matmul | peak MiB | temp MiB | args MiB |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    loops = " (loops)" if r["has_loops"] else ""
+    lines.append(
+        f"| {r['variant']} | {r['step_s']:.2f} ({r['step_min_s']:.2f}) | {r['clips_per_s']:.2f} "
+        f"| {r['tokens_per_s']:,.0f} | {r['xla_gflop']:.1f}{loops} | {r['gflops_per_s']:.1f} | "
+        f"{100 * r['matmul_fraction']:.1f}% | {r['useful_gflops_per_s']:.1f} | "
+        f"{100 * r['useful_matmul_fraction']:.1f}% | {r['peak_mib']:.0f} | {r['temp_mib']:.0f} "
+        f"| {r['argument_mib']:.0f} |")
+  lines += ["", "peak = arguments (state + batch) + temporaries + outputs - donated (aliased) "
+            "bytes, from `compiled.memory_analysis()`. Useful GFLOP/s counts the f32 step "
+            "without recomputation. (loops): XLA counts while-loop bodies once, so that FLOP "
+            "count is a lower bound."]
+  by = {r["variant"]: r for r in rows}
+  for prec in ("f32", "bf16"):
+    plain, remat = by.get(prec), by.get(prec + "_remat")
+    if plain and remat and remat["peak_mib"] > 0.99 * plain["peak_mib"]:
+      lines.append(
+          f"\nRemat saved no memory in {prec} ({remat['peak_mib']:.0f} vs "
+          f"{plain['peak_mib']:.0f} MiB) while adding {remat['xla_gflop'] / plain['xla_gflop'] - 1:.0%} "
+          "FLOPs: on this backend the checkpointed program keeps the same live set (a "
+          "minimal dense stack with and without jax.checkpoint shows equal temp bytes and "
+          "process RSS on XLA:CPU; jax-ml/jax#19822 reports the same). Judge remat on GPU / "
+          "TPU.")
+  lines.append("")
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  app.run(main)
