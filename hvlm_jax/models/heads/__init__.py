@@ -2,11 +2,12 @@
 
   classification.py  ClassificationHead, classification_loss
   detection.py       DetectionHead, detection_loss, decode_detections, nms_1d, smooth_scores,
-                     detections_as_lists
+                     detections_as_lists, grid_positions
   qa.py              QAHead, qa_loss
   captioning.py      CaptionDecoder, caption_loss, generate (greedy / beam search)
   decoding.py        greedy_decode, beam_search over any step function with a cache
-  text.py            TextLayer (self + cross attention with a KV-cache step), positions
+  text.py            TextLayer (self + cross attention with a KV-cache step), AttentionPool
+                     (learned-probe pooling), sinusoidal positions
 """
 from hvlm_jax.models.heads.captioning import CaptionDecoder, caption_loss, generate
 from hvlm_jax.models.heads.classification import ClassificationHead, classification_loss
