@@ -169,7 +169,7 @@ def get_config(arg=None):
       segment_seconds=8.0,  # Video seconds per segment.
       memory_capacity=64,  # Bank entries kept (C); the bank never grows beyond it.
       summary_tokens=16,  # Entries one segment adds to the bank (K) before compression.
-      train_segments=4,  # Consecutive segments per training example (streaming_loss).
+      train_segments=0,  # >0: train with memory on this many consecutive segments per video.
       truncation=2,  # Truncated backprop: gradients cross this many segments (0: all).
       remat_segments=True))  # Training keeps only the bank per segment, recomputes the rest.
 

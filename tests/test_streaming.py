@@ -326,3 +326,27 @@ def test_training_segments_have_the_targets_of_their_whole_window():
   expected = 4 * np.floor(5 * np.concatenate(
       [segments_lib.segment_times(first + s, 2.0, 4) for s in range(3)]))
   np.testing.assert_array_equal(ex["video"][:, :, 0, 0, 0].reshape(-1), expected)
+
+
+def test_split_predictions_of_a_video_do_not_depend_on_the_videos_batched_with_it():
+  # The 6 s video (3 segments) streamed beside a 10 s one (its segments 4, 5 masked) and alone.
+  data_config, split, vocabs = data_setup(eval_batch_size=2)
+  config = tiny_config(tasks=("action_detection", "video_qa"))
+  config.data = data_config.data
+  config.model.heads.num_classes, config.model.heads.num_answers = 1, 1
+  config.model.streaming.segment_seconds = 2.0
+  config.model.streaming.summary_tokens, config.model.streaming.memory_capacity = 3, 4
+  model = streaming.build_streaming_model(config)
+  (video, segs), = list(segments_lib.streaming_eval_batches(config, split, vocabs))
+  first = next(segs)
+  params = init(model, dict(first, questions=video["questions"],
+                            caption_tokens=video["caption_tokens"]))
+  params["memory_reader"]["gate"] = jnp.full_like(params["memory_reader"]["gate"], 0.8)
+  (both, _), = list(streaming.split_predictions(config, model, params, split, vocabs))
+  config.data.eval_batch_size = 1
+  alone, _ = next(streaming.split_predictions(config, model, params, split, vocabs))
+  assert int(np.asarray(both["detection_valid"][0]).sum()) > 0
+  for k, v in alone.items():
+    np.testing.assert_allclose(np.asarray(both[k][:1]), np.asarray(v), rtol=1e-5, atol=1e-6,
+                               err_msg=k)
+  assert float(np.asarray(both["detection_end"][0]).max()) <= 6.0  # Clipped to the video.

@@ -319,6 +319,8 @@ def make_streaming_train_iterator(config, split: SplitData, vocabs, *, seed: int
   of training examples (schema above), resumable by get_state() / set_state()."""
   if not len(split):
     raise ValueError(f"No usable videos in {split.root}.")
+  if config.model.streaming.train_segments < 1:
+    raise ValueError("config.model.streaming.train_segments must be >= 1 to train with memory.")
   p, num_p = pipeline._process(process_index, process_count)
   local = pipeline._local_batch(config.data.batch_size, num_p, "batch_size")
   element = _StreamingTrainElement(config, split, vocabs, seed, p, num_p,

@@ -26,6 +26,7 @@ are the clip model's until the gate is trained with `streaming_loss`).
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -42,7 +43,7 @@ from hvlm_jax.models.heads.detection import nms_1d
 from hvlm_jax.models.layers import layer_norm, partitioned
 
 DEFAULTS = dict(enabled=True, auto_threshold=1.0, segment_seconds=8.0, memory_capacity=64,
-                summary_tokens=16, train_segments=4, truncation=2, remat_segments=True)
+                summary_tokens=16, train_segments=0, truncation=2, remat_segments=True)
 NO_SCORE = -1.0  # Candidate-buffer filler: below any sigmoid score, so never kept.
 
 
@@ -86,8 +87,8 @@ class StreamingVLM(model_lib.HierarchicalVLM):
     caption_logits read from the bank (training outputs of HierarchicalVLM.__call__).
   video_predict(bank, bank_mask, bank_sizes, batch) -> classification_logits, qa_answer,
     qa_score, caption_tokens, caption_score (as HierarchicalVLM.predict).
-  __call__(batch) streams a clip batch as a one-segment video (HierarchicalVLM's output
-    format; `model.init(rng, clip_batch)` creates every parameter).
+  __call__ and predict on a clip batch are HierarchicalVLM's (the clip path is unchanged), and
+    `model.init(rng, clip_batch)` creates every parameter, the reader's included.
   """
 
   def setup(self):
@@ -150,14 +151,11 @@ class StreamingVLM(model_lib.HierarchicalVLM):
     return out
 
   def __call__(self, batch, *, train=False, merge_weights=None):
-    b, opts = _batch_size(batch), streaming_options(self.config)
-    bank = empty_bank(b, opts.memory_capacity, self.config.hidden_size)
-    seg = self.segment(batch, *bank, train=train, merge_weights=merge_weights)
-    bank = compress_memory(*_append(bank, seg), opts.memory_capacity, _append_sizes(bank, seg))
-    out = self.video_outputs(*bank, batch, train=train)
-    for key in ("detection_logits", "detection_offsets", "router_logits"):
-      if key in seg:
-        out[key] = seg[key]
+    out = super().__call__(batch, train=train, merge_weights=merge_weights)
+    if self.is_initializing() and self.detection_head is not None:
+      # `model.init(rng, clip_batch)` also creates the reader's parameters (output unused).
+      x = out["time_features"]
+      self.memory_reader(x, *empty_bank(x.shape[0], 1, x.shape[-1]))
     return out
 
 
@@ -344,15 +342,30 @@ def finish(model: StreamingVLM, variables, state: dict, batch: dict) -> dict:
   return out
 
 
-def stream_predict(step_fn, finish_fn, variables, video_batch: dict, segments, *,
-                   num_steps: int, init_fn, put=lambda b: b) -> dict:
-  """Host loop over lazily read segment batches: init_fn(B, T') -> state, step_fn(variables,
-  state, put(segment)) per segment, finish_fn(variables, state, put(video_batch)).
-  Host memory holds one segment batch at a time (the iterator's)."""
-  state = init_fn(len(video_batch["valid"]), num_steps)
+def stream_predict(step_fn, finish_fn, variables, state: dict, video_batch: dict, segments, *,
+                   put=lambda b: b) -> dict:
+  """Host loop: step_fn(variables, state, put(segment)) over lazily read segment batches, then
+  finish_fn(variables, state, put(video_batch)). Host memory holds one segment batch at a time."""
   for seg in segments:
     state = step_fn(variables, state, put(seg))
   return finish_fn(variables, state, put(video_batch))
+
+
+def split_predictions(config, model: StreamingVLM, params, split, vocabs, *, put=lambda b: b,
+                      process_index: int = 0, process_count: int = 1):
+  """Streams every video of `split` (hvlm_jax/data/segments.py `streaming_eval_batches`):
+  yields (predictions, video_batch) per batch of config.data.eval_batch_size videos, the
+  predictions those of HierarchicalVLM.predict for whole videos (detections in video seconds).
+  `put` places host batches on devices (e.g. train.sharding.global_batch on a mesh). One
+  compiled segment step and one compiled finish serve every batch and every length."""
+  from hvlm_jax.data import segments as segments_lib  # Local: the model needs no data code.
+  step = jax.jit(functools.partial(segment_step, model), donate_argnums=1)
+  fin = jax.jit(functools.partial(finish, model))
+  num_steps = config.data.video.num_frames // config.model.tubelet_size[0]
+  for video, segs in segments_lib.streaming_eval_batches(
+      config, split, vocabs, process_index=process_index, process_count=process_count):
+    state = init_state(model, config.data.eval_batch_size, num_steps)
+    yield stream_predict(step, fin, {"params": params}, state, video, segs, put=put), video
 
 
 # ----- training with memory ------------------------------------------------------------------
