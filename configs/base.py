@@ -120,7 +120,7 @@ def get_config(arg=None):
   tm.features_mode = "similarity"  # Features input: "similarity" (ToMe only) or "off".
   tm.flow = ml_collections.ConfigDict(dict(
       levels=3, iterations=5, window_sigma=2.0,
-      cells_per_token=8,  # Flow resolution: grid * cells_per_token pixels per side.
+      cells_per_token=4,  # Flow resolution: grid * cells_per_token pixels per side.
       min_motion=0.5))  # Pixels; motion scores are m / max(max m, min_motion) per clip.
   tm.saliency = ml_collections.ConfigDict(dict(
       edge=1.0, color_contrast=1.0, spectral_residual=1.0, center_prior=0.5,

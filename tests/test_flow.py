@@ -127,7 +127,7 @@ def test_flow_motion_peaks_on_the_moving_patch_and_stays_low_when_static():
     x0 = 8 + 2 * t
     moving[t, 4:12, x0:x0 + 8] = obj[4:12, 8:16]
   clips = jnp.asarray(np.stack([rgb(frames), rgb(moving)]), jnp.float32)
-  m = np.asarray(flow.token_motion(clips, (2, 8, 8), min_motion=0.5))
+  m = np.asarray(flow.token_motion(clips, (2, 8, 8), cells_per_token=8, min_motion=0.5))
   assert m[0].max() < 0.2  # Static: flow noise stays far below the 0.5 px floor.
   grid = m[1].reshape(2, 4, 4)
   assert grid[:, :2, 1:3].mean() > 0.5  # Tokens the square crosses (rows 4..12, cols 8..22).

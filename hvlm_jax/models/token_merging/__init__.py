@@ -38,7 +38,7 @@ class MergingSpec:
   flow_levels: int = 3
   flow_iterations: int = 5
   flow_window_sigma: float = 2.0
-  flow_cells_per_token: int = 8
+  flow_cells_per_token: int = 4
   saliency_weights: tuple[tuple[str, float], ...] = (
       ("edge", 1.0), ("color_contrast", 1.0), ("spectral_residual", 1.0),
       ("center_prior", 0.5))
@@ -102,7 +102,7 @@ class MergingSpec:
         min_motion=float(flow.get("min_motion", 0.5)),
         flow_levels=int(flow.get("levels", 3)), flow_iterations=int(flow.get("iterations", 5)),
         flow_window_sigma=float(flow.get("window_sigma", 2.0)),
-        flow_cells_per_token=int(flow.get("cells_per_token", 8)),
+        flow_cells_per_token=int(flow.get("cells_per_token", 4)),
         saliency_weights=tuple(sorted((k, float(v)) for k, v in sal.items())),
         saliency_cells_per_token=cells, attention_weight=attention_weight,
         attention_keys=keys, features_mode=str(tm.get("features_mode", "similarity")))

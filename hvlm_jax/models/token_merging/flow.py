@@ -245,7 +245,7 @@ def pool_to_grid(maps: jax.Array, grid_hw: tuple[int, int]) -> jax.Array:
 
 
 def token_motion(clip: jax.Array, tubelet: tuple[int, int, int], *, source: str = "flow",
-                 cells_per_token: int = 8, min_motion: float = 0.5,
+                 cells_per_token: int = 4, min_motion: float = 0.5,
                  min_difference: float = 0.05, change_floor: float = 0.02,
                  flow_options: dict | None = None) -> jax.Array:
   """Per-token motion score in [0, 1] on the tubelet grid, normalised per sample.

@@ -158,15 +158,16 @@ def bipartite_soft_matching(metric: jax.Array, r: int, *, parity: jax.Array | No
 
   pre_anchor = jnp.concatenate([_take(_take(anchors, a_idx), unm), _take(anchors, b_idx)], 1)
   order = jnp.argsort(pre_anchor, axis=1, stable=True).astype(jnp.int32)
-  inverse = jnp.argsort(order, axis=1).astype(jnp.int32)
-  nu = na - r
+  batch, nu = jnp.arange(b)[:, None], na - r
+  inverse = jnp.zeros_like(order).at[batch, order].set(
+      jnp.arange(n - r, dtype=jnp.int32)[None])
   # Pre-order index of every input token: unmerged A -> its slot, B and merged A -> B slot.
   pre_of_a = jnp.zeros((b, na), jnp.int32)
-  batch = jnp.arange(b)[:, None]
   pre_of_a = pre_of_a.at[batch, unm].set(jnp.arange(nu, dtype=jnp.int32)[None])
   pre_of_a = pre_of_a.at[batch, src].set(nu + dst)
   pre_of_b = jnp.broadcast_to(nu + jnp.arange(n - na, dtype=jnp.int32), (b, n - na))
-  pre = jnp.zeros((b, n), jnp.int32).at[batch, a_idx].set(pre_of_a).at[batch, b_idx].set(pre_of_b)
+  pre = jnp.zeros((b, n), jnp.int32).at[batch, a_idx].set(pre_of_a)
+  pre = pre.at[batch, b_idx].set(pre_of_b)
   remap = jnp.take_along_axis(inverse, pre, axis=1)
   return Matching(a_idx, b_idx, src, dst, unm, order, remap,
                   jnp.take_along_axis(pre_anchor, order, axis=1))
