@@ -102,7 +102,7 @@ def get_config(arg=None):
       bidirectional=True, scan_method="chunked",  # "chunked", "scan" or "associative".
       chunk_size=128))
   attention.hierarchical = ml_collections.ConfigDict(dict(
-      window=196, pool_sizes=(49,),  # Coarse levels, e.g. (4, 196); see hierarchical.py.
+      window=196, pool_sizes=(98,),  # Coarse levels, e.g. (4, 196); see hierarchical.py.
       query_chunk=1024))
 
   model.token_merging = tm = ml_collections.ConfigDict()

@@ -55,18 +55,20 @@ def quadratic_linear(q, k, v, key_bias, mask, eps, causal):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("chunk", [5, 64])
-def test_favor_equals_its_quadratic_kernel(causal, chunk):
+def test_favor_equals_its_quadratic_kernel(causal, chunk, monkeypatch):
+  monkeypatch.setattr(linear, "STREAM_CHUNK", chunk)  # Bidirectional streaming chunks too.
   q, k, v, key_bias, mask = inputs(0)
   w_proj = linear.orthogonal_features(jax.random.key(1), 16, DH)
-  log_w, weight = linear._key_terms(jnp.asarray(mask), jnp.asarray(key_bias), mask.shape)
-  out = linear.favor_attention(q, k, v, w_proj, log_w, weight, causal=causal, eps=1e-3,
+  log_w = linear.key_log_weights(jnp.asarray(mask), jnp.asarray(key_bias), mask.shape)
+  out = linear.favor_attention(q, k, v, w_proj, log_w, causal=causal, eps=1e-3,
                                chunk_size=chunk)
   ref = quadratic_favor(q, k, v, w_proj, key_bias, mask, 1e-3, causal)
   np.testing.assert_allclose(np.asarray(out)[mask], ref[mask], rtol=2e-5, atol=2e-6)
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_linear_attention_equals_its_quadratic_kernel(causal):
+def test_linear_attention_equals_its_quadratic_kernel(causal, monkeypatch):
+  monkeypatch.setattr(linear, "STREAM_CHUNK", 8)
   q, k, v, key_bias, mask = inputs(1)
   module = linear.LinearAttention(num_heads=H, causal=causal, chunk_size=6)
   x = jnp.asarray(np.random.default_rng(2).normal(size=(B, N, H * DH)), jnp.float32)
@@ -85,9 +87,8 @@ def test_causal_favor_stabiliser_does_not_leak_the_future():
   q, k, v, key_bias, mask = inputs(3)
   mask = np.ones_like(mask)
   w_proj = linear.orthogonal_features(jax.random.key(1), 32, DH)
-  log_w, weight = linear._key_terms(None, None, mask.shape)
-  run = lambda kk: linear.favor_attention(q, kk, v, w_proj, log_w, weight, causal=True,
-                                          eps=1e-6, chunk_size=8)
+  run = lambda kk: linear.favor_attention(q, kk, v, w_proj, causal=True, eps=1e-6,
+                                          chunk_size=8)
   t = 12
   # Future keys 30x larger: under the official one-max-over-all-keys stabiliser every past
   # key feature would underflow next to eps and the past outputs would change.
@@ -106,12 +107,11 @@ def exact_softmax(q, k, v):
 def test_favor_error_against_softmax_shrinks_with_feature_count():
   q, k, v, _, _ = inputs(4, scale=0.6)
   ref = exact_softmax(*(np.asarray(t, np.float64) for t in (q, k, v)))
-  log_w, weight = linear._key_terms(None, None, (B, N))
   errors = []
   for m in (8, 64, 512, 4096):
     err = [np.abs(np.asarray(linear.favor_attention(
-        q, k, v, linear.orthogonal_features(jax.random.key(s), m, DH), log_w, weight,
-        causal=False, eps=1e-6, chunk_size=64)) - ref).mean() for s in range(4)]
+        q, k, v, linear.orthogonal_features(jax.random.key(s), m, DH), causal=False,
+        eps=1e-6)) - ref).mean() for s in range(4)]
     errors.append(np.mean(err))
   assert all(a > b for a, b in zip(errors, errors[1:])), errors
   assert errors[3] < errors[1] / 3, errors  # Monte Carlo: error ~ m^(-1/2), 64x -> ~8x.

@@ -24,7 +24,7 @@ from flax import linen as nn
 
 from hvlm_jax.models.attention.common import OutProjection, QKVProjection
 from hvlm_jax.models.attention.sparse import (
-    NEG, _dropout_rng, blocked_attention, neighbour_blocks, neighbour_positions, pad_axis,
+    NEG, blocked_attention, dropout_rng, neighbour_blocks, neighbour_positions, pad_axis,
     padded_key_bias, to_blocks)
 from hvlm_jax.models.domain.lora import LoRASpec
 from hvlm_jax.models.layers import Dtype
@@ -38,7 +38,7 @@ def check_levels(window: int, pool_sizes) -> None:
       raise ValueError(
           f"config.model.attention.hierarchical.pool_sizes={tuple(pool_sizes)} with window="
           f"{window}: each pool size must be a multiple of the previous one and divide window "
-          f"times the previous one (e.g. window=196, pool_sizes=(49,) or (4, 196)).")
+          f"times the previous one (e.g. window=196, pool_sizes=(98,) or (4, 196)).")
     prev = s
 
 
@@ -54,7 +54,7 @@ def pool_segments(k, v, bias, size: int):
   return kp, vp, jax.nn.logsumexp(bs, axis=-1)
 
 
-def hierarchical_attention(q, k, v, bias=None, *, window: int, pool_sizes=(49,),
+def hierarchical_attention(q, k, v, bias=None, *, window: int, pool_sizes=(98,),
                            causal: bool = False, query_chunk: int = 1024,
                            dropout_rate: float = 0.0, rng=None) -> jax.Array:
   """See the module docstring. q, k, v: (B, N, H, Dh); bias (B, N) -> (B, N, H, Dh) float32.
@@ -110,11 +110,12 @@ class HierarchicalAttention(nn.Module):
   """Fine local + coarse pooled attention; see `hierarchical_attention`. Contract: common.py.
 
   Defaults for time-major video: window = one frame of 196 tokens (exact attention over the
-  previous, own and next frame), one coarse level of 49-token segments for the rest.
+  previous, own and next frame), one coarse level of 98-token segments for the rest (7 rows
+  of 14 patches: the top and bottom halves of every other frame).
   """
   num_heads: int
   window: int = 196
-  pool_sizes: tuple[int, ...] = (49,)
+  pool_sizes: tuple[int, ...] = (98,)
   causal: bool = False
   query_chunk: int = 1024
   dropout_rate: float = 0.0
@@ -133,6 +134,6 @@ class HierarchicalAttention(nn.Module):
         q, k, v, padded_key_bias(mask, key_bias, b, n, n), window=self.window,
         pool_sizes=tuple(self.pool_sizes), causal=self.causal, query_chunk=self.query_chunk,
         dropout_rate=self.dropout_rate,
-        rng=_dropout_rng(self, self.dropout_rate, deterministic))
+        rng=dropout_rng(self, self.dropout_rate, deterministic))
     return OutProjection(name="out_proj", **kw)(y.astype(self.dtype), domain,
                                                  deterministic=deterministic)

@@ -1,8 +1,10 @@
 """Kernelised attention in O(N): PerformerAttention (FAVOR+) and LinearAttention (elu + 1).
 
 Both compute out_i = sum_j phi(q_i).phi(k_j) v_j / sum_j phi(q_i).phi(k_j) without forming the
-N x N matrix: bidirectional as phi(Q) (phi(K)^T V); causal as a scan over chunks of c tokens
-(exact c x c attention inside a chunk, an (m, Dh) state carried between chunks).
+N x N matrix. Bidirectional: keys stream chunk by chunk into an (m, Dh) state per head, then
+queries read it. Causal: one scan over chunks of c tokens (exact c x c attention inside a
+chunk, the state carried between chunks). Features are computed inside each step and
+rematerialised in the backward pass, so no (N, m) feature array is ever live.
 
 `kernel_attention` takes each key's features as exp(s_j) * f_j + eps * w_j: f_j >= 0 (max 1 for
 Performer), a log-scale s_j (Performer's per-key stabiliser plus key_bias) and a weight w_j
@@ -27,95 +29,115 @@ from hvlm_jax.models.domain.lora import LoRASpec
 from hvlm_jax.models.layers import Dtype
 
 
-def kernel_attention(phi_q, phi_k, v, log_scale=None, weight=None, *, causal: bool = False,
+STREAM_CHUNK = 512  # Tokens per step of the bidirectional passes (keeps each step in cache).
+
+
+def kernel_attention(q, k, v, features, log_w=None, *, causal: bool = False,
                      eps_k: float = 0.0, eps_den: float = 0.0, chunk_size: int = 64):
-  """Normalised kernel attention with stabilised key scales.
+  """Normalised kernel attention with stabilised key scales, streamed in chunks.
 
   Args:
-    phi_q: (B, N, H, m) non-negative query features.
-    phi_k: (B, N, H, m) non-negative key features f_j (zero at padding).
-    v: (B, N, H, Dh) values.
-    log_scale: (B, N, H) float32 s_j (NEG at padding) or None (zeros).
-    weight: (B, N) float32 w_j for the eps term or None (ones).
+    q, k: (B, N, H, d); v: (B, N, H, Dh).
+    features: `(x (B, c, H, d), is_query) -> (phi (B, c, H, m) >= 0, log_scale (B, c, H) or
+      None)`, applied chunk by chunk: key j's features are exp(log_scale_j) * phi_j.
+    log_w: (B, N) float32 log key weight (key_bias; NEG at padding) or None. Key j's features
+      are multiplied by exp(log_w_j); its eps term by the same weight.
     eps_k: added to every key feature (relative to the stabilised scale), as in FAVOR+.
     eps_den: added to the denominator, as in linear attention.
+    chunk_size: tokens per step of the causal scan (exact c x c attention inside a chunk).
   Returns:
-    (B, N, H, Dh) float32. Time O(N m Dh H) (+ O(N c m H) causal); memory O(N m H).
+    (B, N, H, Dh) float32. Time O(N m (d + Dh) H) (+ O(N c m H) causal). Memory O(c m H) per
+    step: keys stream into an (m, Dh) state per head (lax.scan), then queries read it
+    (lax.map), each step rematerialised in the backward pass, so no (N, m) feature array is
+    ever live.
   """
-  b, n, h, m = phi_q.shape
-  f32 = jnp.float32
-  phi_q, phi_k, v = phi_q.astype(f32), phi_k.astype(f32), v.astype(f32)
-  s = jnp.zeros((b, n, h), f32) if log_scale is None else log_scale.astype(f32)
-  w = jnp.ones((b, n), f32) if weight is None else weight.astype(f32)
-  if causal:
-    return _causal_chunks(phi_q, phi_k, v, s, w, eps_k, eps_den, chunk_size)
-  c = s.max(axis=1)  # (B, H): one constant shared by all keys, so it cancels.
-  kf = phi_k * jnp.exp(s - c[:, None])[..., None]
-  state = jnp.einsum("bnhm,bnhd->bhmd", kf, v)
-  norm = kf.sum(axis=1)  # (B, H, m)
-  num = jnp.einsum("bnhm,bhmd->bnhd", phi_q, state)
-  den = jnp.einsum("bnhm,bhm->bnh", phi_q, norm)
-  if eps_k:
-    q_sum = phi_q.sum(-1)
-    num = num + eps_k * q_sum[..., None] * jnp.einsum("bn,bnhd->bhd", w, v)[:, None]
-    den = den + eps_k * q_sum * w.sum(1)[:, None, None]
-  return num / (den + eps_den)[..., None]
-
-
-def _causal_chunks(phi_q, phi_k, v, s, w, eps_k, eps_den, chunk):
-  """Causal kernel_attention: lax.scan over chunks, float32 carry (S, z, E, e, C)."""
-  b, n, h, m = phi_q.shape
-  dh = v.shape[-1]
-  chunk = min(chunk, n)
+  b, n, h, _ = q.shape
+  lw = jnp.zeros((b, n), jnp.float32) if log_w is None else log_w.astype(jnp.float32)
+  chunk = min(chunk_size if causal else STREAM_CHUNK, n)
   def chunked(x, value=0.0):
-    x = pad_axis(x, chunk, value=value)
+    x = pad_axis(x.astype(jnp.float32), chunk, value=value)
     return jnp.moveaxis(x.reshape(b, -1, chunk, *x.shape[2:]), 1, 0)
-  xs = (chunked(phi_q), chunked(phi_k), chunked(v), chunked(s, NEG), chunked(w))
-  tril = jnp.tril(jnp.ones((chunk, chunk), bool))
-
-  def step(carry, inp):
-    state, norm, e_state, e_norm, c_prev = carry
-    pq, pk, vv, ss, ww = inp
-    c_i = jnp.maximum(c_prev[:, None], jax.lax.cummax(ss, axis=1))  # (B, c, H), no future
-    r = jnp.exp(c_prev[:, None] - c_i)  # Rescales the carried state to c_i (<= 1).
-    q_sum = pq.sum(-1)
-    num = jnp.einsum("bihm,bhmd->bihd", pq, state) * r[..., None]
-    den = jnp.einsum("bihm,bhm->bih", pq, norm) * r
-    # Intra-chunk: exact weights exp(s_j - c_i) <= 1 for j <= i.
-    expo = jnp.where(tril[None, None], ss.transpose(0, 2, 1)[:, :, None, :]
-                     - c_i.transpose(0, 2, 1)[..., None], -jnp.inf)  # (B, H, i, j)
-    att = jnp.einsum("bihm,bjhm->bhij", pq, pk) * jnp.exp(expo)
-    if eps_k:
-      num = num + eps_k * q_sum[..., None] * e_state[:, None]
-      den = den + eps_k * q_sum * e_norm[:, None, None]
-      att = att + jnp.where(tril, eps_k * q_sum.transpose(0, 2, 1)[..., None]
-                            * ww[:, None, None, :], 0.0)
-    num = num + jnp.einsum("bhij,bjhd->bihd", att, vv)
-    den = den + att.sum(-1).transpose(0, 2, 1)
-    c_new = c_i[:, -1]
-    kf = pk * jnp.exp(ss - c_new[:, None])[..., None]
-    scale = jnp.exp(c_prev - c_new)
-    state = state * scale[..., None, None] + jnp.einsum("bjhm,bjhd->bhmd", kf, vv)
-    norm = norm * scale[..., None] + kf.sum(1)
-    e_state = e_state + jnp.einsum("bj,bjhd->bhd", ww, vv)
-    e_norm = e_norm + ww.sum(1)
-    return (state, norm, e_state, e_norm, c_new), num / (den + eps_den)[..., None]
-
+  qs, ks, vs, lws = chunked(q), chunked(k), chunked(v), chunked(lw, NEG)
+  m = jax.eval_shape(lambda x: features(x, True)[0], qs[0]).shape[-1]
+  dh = v.shape[-1]
   init = (jnp.zeros((b, h, m, dh), jnp.float32), jnp.zeros((b, h, m), jnp.float32),
           jnp.zeros((b, h, dh), jnp.float32), jnp.zeros((b,), jnp.float32),
           jnp.full((b, h), NEG, jnp.float32))
-  _, out = jax.lax.scan(step, init, xs)
+
+  def key_features(kk, lw_c):
+    f, top = features(kk, False)
+    s = lw_c[..., None] + (0.0 if top is None else top)  # (B, c, H)
+    real = lw_c > NEG / 2
+    return jnp.where(real[..., None, None], f, 0.0), s, jnp.where(real, jnp.exp(lw_c), 0.0)
+
+  def absorb(carry, f, s, vv, ww, c_new):
+    """Adds a chunk of keys to the carry, rescaled from the carried max to c_new."""
+    state, norm, e_state, e_norm, c_prev = carry
+    kf = f * jnp.exp(s - c_new[:, None])[..., None]
+    scale = jnp.exp(c_prev - c_new)
+    return (state * scale[..., None, None] + jnp.einsum("bjhm,bjhd->bhmd", kf, vv),
+            norm * scale[..., None] + kf.sum(1),
+            e_state + jnp.einsum("bj,bjhd->bhd", ww, vv), e_norm + ww.sum(1), c_new)
+
+  def read(carry, pq, r):
+    """num, den of queries pq (B, c, H, m) from the carry; r rescales its max to theirs."""
+    state, norm, e_state, e_norm, _ = carry
+    num = jnp.einsum("bihm,bhmd->bihd", pq, state) * r[..., None]
+    den = jnp.einsum("bihm,bhm->bih", pq, norm) * r
+    if eps_k:
+      q_sum = pq.sum(-1)
+      num = num + eps_k * q_sum[..., None] * e_state[:, None]
+      den = den + eps_k * q_sum * e_norm[:, None, None]
+    return num, den
+
+  if not causal:
+    @jax.checkpoint
+    def key_step(carry, inp):
+      kk, vv, lw_c = inp
+      f, s, ww = key_features(kk, lw_c)
+      return absorb(carry, f, s, vv, ww, jnp.maximum(carry[-1], s.max(1))), None
+
+    carry, _ = jax.lax.scan(key_step, init, (ks, vs, lws))
+
+    @jax.checkpoint
+    def query_step(qq):
+      num, den = read(carry, features(qq, True)[0], jnp.ones(qq.shape[:3], jnp.float32))
+      return num / (den + eps_den)[..., None]
+
+    out = jax.lax.map(query_step, qs)
+  else:
+    tril = jnp.tril(jnp.ones((chunk, chunk), bool))
+
+    @jax.checkpoint
+    def step(carry, inp):
+      qq, kk, vv, lw_c = inp
+      pq = features(qq, True)[0]
+      f, s, ww = key_features(kk, lw_c)
+      c_i = jnp.maximum(carry[-1][:, None], jax.lax.cummax(s, axis=1))  # (B, c, H): no future
+      num, den = read(carry, pq, jnp.exp(carry[-1][:, None] - c_i))
+      # Within the chunk: exact weights exp(s_j - c_i) <= 1 for j <= i.
+      expo = jnp.where(tril, s.transpose(0, 2, 1)[:, :, None, :]
+                       - c_i.transpose(0, 2, 1)[..., None], -jnp.inf)  # (B, H, i, j)
+      att = jnp.einsum("bihm,bjhm->bhij", pq, f) * jnp.exp(expo)
+      if eps_k:
+        att = att + jnp.where(tril, eps_k * pq.sum(-1).transpose(0, 2, 1)[..., None]
+                              * ww[:, None, None, :], 0.0)
+      num = num + jnp.einsum("bhij,bjhd->bihd", att, vv)
+      den = den + att.sum(-1).transpose(0, 2, 1)
+      return absorb(carry, f, s, vv, ww, c_i[:, -1]), num / (den + eps_den)[..., None]
+
+    _, out = jax.lax.scan(step, init, (qs, ks, vs, lws))
   return jnp.moveaxis(out, 0, 1).reshape(b, -1, h, dh)[:, :n]
 
 
-def _key_terms(mask, key_bias, shape):
-  """(B, N) log key weight (key_bias, NEG at padding) and weight exp(key_bias) * mask."""
+def key_log_weights(mask, key_bias, shape) -> jax.Array:
+  """(B, N) float32 log key weight: key_bias, NEG at padding."""
   log_w = jnp.zeros(shape, jnp.float32)
   if key_bias is not None:
     log_w = log_w + key_bias.astype(jnp.float32)
   if mask is not None:
     log_w = jnp.where(mask, log_w, NEG)
-  return log_w, jnp.exp(log_w)
+  return log_w
 
 
 # ----- Performer -------------------------------------------------------------------------------
@@ -152,25 +174,24 @@ def softmax_kernel_features(x, projection, is_query: bool):
   return (feats, None) if is_query else (feats, top[..., 0])
 
 
-def favor_attention(q, k, v, projection, log_w, weight, *, causal: bool, eps: float,
-                    chunk_size: int):
-  """FAVOR+ on projected heads: q, k, v (B, N, H, Dh), projection (m, Dh), log_w / weight
-  (B, N) from `_key_terms`. Returns (B, N, H, Dh) float32.
-
-  Heads are processed one at a time (lax.map), each rematerialised in the backward pass, so
-  only one head's (B, N, m) features are live: memory O(N m) instead of O(N m H).
+def favor_attention(q, k, v, projection, log_w=None, *, causal: bool, eps: float,
+                    chunk_size: int = 64):
+  """FAVOR+ on projected heads: q, k, v (B, N, H, Dh), projection (m, Dh), log_w (B, N)
+  from `key_log_weights`. phi(q) = exp(w.q' - |q'|^2/2 - max) + eps; keys as in
+  `softmax_kernel_features`, plus eps relative to the stabiliser. Returns (B, N, H, Dh)
+  float32.
   """
-  @jax.checkpoint
-  def one_head(qkv):
-    q, k, v = (t[:, :, None] for t in qkv)
-    phi_q, _ = softmax_kernel_features(q, projection, is_query=True)
-    phi_k, top = softmax_kernel_features(k, projection, is_query=False)
-    phi_k = jnp.where(log_w[..., None, None] > NEG / 2, phi_k, 0.0)
-    return kernel_attention(phi_q + eps, phi_k, v, top + log_w[..., None], weight,
-                            causal=causal, eps_k=eps, eps_den=1e-30,
-                            chunk_size=chunk_size)[:, :, 0]
-  y = jax.lax.map(one_head, tuple(jnp.moveaxis(t, 2, 0) for t in (q, k, v)))
-  return jnp.moveaxis(y, 0, 2)
+  def features(x, is_query):
+    f, top = softmax_kernel_features(x, projection, is_query)
+    return (f + eps if is_query else f), top
+  return kernel_attention(q, k, v, features, log_w, causal=causal, eps_k=eps, eps_den=1e-30,
+                          chunk_size=chunk_size)
+
+
+def elu_features(x, is_query):
+  """phi(x) = elu(x) + 1 (Katharopoulos et al., 2020), float32; no log scale."""
+  del is_query
+  return jax.nn.elu(x.astype(jnp.float32)) + 1.0, None
 
 
 class PerformerAttention(nn.Module):
@@ -179,7 +200,8 @@ class PerformerAttention(nn.Module):
   Features are redrawn from the `features` PRNG stream on every training call
   (deterministic=False, redraw=True), and fixed at eval: drawn from `feature_seed` folded
   with the module's path, so every layer has its own fixed draw and eval is reproducible.
-  key_bias multiplies phi(k) by exp(key_bias). Time O(N m Dh H), memory O(N m H).
+  key_bias multiplies phi(k) by exp(key_bias). Time O(N m Dh H); memory see
+  `kernel_attention`.
   """
   num_heads: int
   num_features: int = 256
@@ -209,9 +231,8 @@ class PerformerAttention(nn.Module):
     q, k, v = QKVProjection(self.num_heads, name="qkv", **kw)(
         x, domain, deterministic=deterministic)
     proj = self.projection(q.shape[-1], deterministic)
-    log_w, weight = _key_terms(mask, key_bias, x.shape[:2])
-    y = favor_attention(q, k, v, proj, log_w, weight, causal=self.causal, eps=self.eps,
-                        chunk_size=self.chunk_size)
+    y = favor_attention(q, k, v, proj, key_log_weights(mask, key_bias, x.shape[:2]),
+                        causal=self.causal, eps=self.eps, chunk_size=self.chunk_size)
     return OutProjection(name="out_proj", **kw)(y.astype(self.dtype), domain,
                                                  deterministic=deterministic)
 
@@ -222,7 +243,7 @@ class LinearAttention(nn.Module):
 
   out_i = phi(q_i) sum_j phi(k_j) v_j^T / (phi(q_i) sum_j phi(k_j) + eps); causal by the
   chunked scan. Padded keys get phi = 0; key_bias multiplies phi(k) by exp(key_bias).
-  Time O(N Dh^2 H), memory O(N Dh H). Contract: common.py.
+  Time O(N Dh^2 H); memory see `kernel_attention`. Contract: common.py.
   """
   num_heads: int
   causal: bool = False
@@ -237,11 +258,7 @@ class LinearAttention(nn.Module):
     kw = dict(lora=self.lora, dtype=self.dtype, param_dtype=self.param_dtype)
     q, k, v = QKVProjection(self.num_heads, name="qkv", **kw)(
         x, domain, deterministic=deterministic)
-    phi_q = jax.nn.elu(q.astype(jnp.float32)) + 1.0
-    phi_k = jax.nn.elu(k.astype(jnp.float32)) + 1.0
-    log_w, _ = _key_terms(mask, key_bias, x.shape[:2])
-    phi_k = jnp.where(log_w[..., None, None] > NEG / 2, phi_k, 0.0)
-    y = kernel_attention(phi_q, phi_k, v, jnp.broadcast_to(log_w[..., None], q.shape[:3]),
+    y = kernel_attention(q, k, v, elu_features, key_log_weights(mask, key_bias, x.shape[:2]),
                          causal=self.causal, eps_den=self.eps, chunk_size=self.chunk_size)
     return OutProjection(name="out_proj", **kw)(y.astype(self.dtype), domain,
                                                  deterministic=deterministic)

@@ -107,7 +107,8 @@ def to_blocks(x: jax.Array, block: int) -> jax.Array:
   return x.reshape(x.shape[0], x.shape[1] // block, block, *x.shape[2:])
 
 
-def _dropout_rng(module: nn.Module, rate: float, deterministic: bool):
+def dropout_rng(module: nn.Module, rate: float, deterministic: bool):
+  """The module's `dropout` PRNG key when dropout is active, else None."""
   return module.make_rng("dropout") if rate > 0 and not deterministic else None
 
 
@@ -245,7 +246,7 @@ class StridedAttention(nn.Module):
     bias = padded_key_bias(mask, key_bias, b, n, n)
     y = strided_attention(q, k, v, bias, stride=self.stride, local=self.local,
                           causal=self.causal, dropout_rate=self.dropout_rate,
-                          rng=_dropout_rng(self, self.dropout_rate, deterministic))
+                          rng=dropout_rng(self, self.dropout_rate, deterministic))
     return OutProjection(name="out_proj", **kw)(y.astype(self.dtype), domain,
                                                  deterministic=deterministic)
 
@@ -344,7 +345,7 @@ class LocalGlobalAttention(nn.Module):
     q, k, v = qkv(x, domain, deterministic=deterministic)
     b, n, d = x.shape
     bias = padded_key_bias(mask, key_bias, b, n, n)
-    rng = _dropout_rng(self, self.dropout_rate, deterministic)
+    rng = dropout_rng(self, self.dropout_rate, deterministic)
     global_idx, global_kv = None, None
     if self.global_tokens == "frame" and self.num_global > 0:
       global_idx = frame_global_positions(n, self.tokens_per_frame, self.num_global)
