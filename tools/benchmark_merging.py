@@ -73,6 +73,10 @@ def main(argv=None):
   p.add_argument("--ratio", type=float, default=0.5)
   p.add_argument("--schedule", default="decreasing")
   p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--flow-cells", type=int, default=MergingSpec.flow_cells_per_token,
+                 help="model.token_merging.flow.cells_per_token")
+  p.add_argument("--functions", default="baseline,merged,merged_tome_only,flow_saliency",
+                 help="comma-separated subset to time")
   p.add_argument("--out", default="benchmarks/merging")
   p.add_argument("--tag", default="")
   args = p.parse_args(argv)
@@ -80,7 +84,9 @@ def main(argv=None):
   n = (args.frames // tub[0]) * (args.size // tub[1]) * (args.size // tub[2])
   tag = args.tag or f"encoder_{args.frames}x{args.size}_t{tub[0]}_w{args.width}_l{args.layers}"
 
-  spec = MergingSpec(target_compression_ratio=args.ratio, schedule=args.schedule)
+  spec = MergingSpec(target_compression_ratio=args.ratio, schedule=args.schedule,
+                     flow_cells_per_token=args.flow_cells)
+  wanted = args.functions.split(",")
   tome = dataclasses.replace(spec, motion_source="none", saliency_weights=())
   common = dict(hidden_size=args.width, num_layers=args.layers, num_heads=args.heads,
                 mlp_dim=args.mlp, tubelet_size=tub)
@@ -88,7 +94,9 @@ def main(argv=None):
                                                                          token_merging=spec),
               "merged_tome_only": VideoEncoder(**common, token_merging=tome)}
   clip = jnp.asarray(moving_clip(args.batch, args.frames, args.size))
-  variables = jax.jit(encoders["baseline"].init)(jax.random.key(0), clip)  # Same params.
+  variables = None
+  if set(wanted) - {"flow_saliency"}:  # Every encoder shares these parameters.
+    variables = jax.jit(encoders["baseline"].init)(jax.random.key(0), clip)
 
   fns = {}
   for name, enc in encoders.items():
@@ -98,6 +106,7 @@ def main(argv=None):
                                                           method=VideoEncoder.importance))
   calls = {name: (fn, variables, clip) for name, fn in fns.items()}
   calls["flow_saliency"] = (importance, clip)
+  calls = {k: v for k, v in calls.items() if k in wanted}
 
   compile_s = {}
   for name, (fn, *a) in calls.items():
@@ -112,20 +121,22 @@ def main(argv=None):
 
   rs = merge_schedule(n, args.layers, args.ratio, args.schedule, spec.protect_fraction)
   per_layer = [int(v) for v in n - np.cumsum(rs)]
+  quotient = lambda a, b, d=med: d[a] / d[b] if a in d and b in d else None  # noqa: E731
   result = dict(
       command="python tools/benchmark_merging.py " + " ".join(argv or sys.argv[1:]),
-      device=f"{jax.devices()[0].device_kind} x{jax.device_count()} ({platform.processor() or platform.machine()}, "
-             f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f} at the end)",
+      device=f"{jax.devices()[0].device_kind} x{jax.device_count()} "
+             f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+             f"load {os.getloadavg()[0]:.1f} at the end)",
       jax=jax.__version__, tokens=n, tokens_per_layer=per_layer,
       mean_tokens_per_layer=float(np.mean(per_layer)), batch=args.batch,
-      encoder=common | dict(tubelet_size=list(tub)), ratio=args.ratio, schedule=args.schedule,
+      encoder=common | dict(tubelet_size=list(tub)), merging=dataclasses.asdict(spec),
       seconds_median=med, seconds_min=best, seconds_all=runs,
       compile_and_first_run_s=compile_s,
-      speedup_merged=med["baseline"] / med["merged"],
-      speedup_merged_min=best["baseline"] / best["merged"],
-      speedup_tome_only=med["baseline"] / med["merged_tome_only"],
-      flow_saliency_share_of_merged=med["flow_saliency"] / med["merged"],
-      flow_saliency_share_of_baseline=med["flow_saliency"] / med["baseline"],
+      speedup_merged=quotient("baseline", "merged"),
+      speedup_merged_min=quotient("baseline", "merged", best),
+      speedup_tome_only=quotient("baseline", "merged_tome_only"),
+      flow_saliency_share_of_merged=quotient("flow_saliency", "merged"),
+      flow_saliency_share_of_baseline=quotient("flow_saliency", "baseline"),
       clips_per_s=dict((k, args.batch / v) for k, v in med.items() if k != "flow_saliency"))
   lines = [
       f"# Token merging benchmark: {tag}", "",
@@ -137,13 +148,21 @@ def main(argv=None):
     cps = f"{args.batch / med[name]:.3f}" if name != "flow_saliency" else "-"
     lines.append(f"| {name} | {med[name]:.3f} | {best[name]:.3f} | {cps} | "
                  f"{', '.join(f'{v:.2f}' for v in runs[name])} |")
-  lines += ["", f"- speedup with merging (flow + saliency included): "
-                f"**{result['speedup_merged']:.2f}x** on medians, "
-                f"{result['speedup_merged_min']:.2f}x on minima (target >= 1.8x)",
-            f"- speedup, similarity-only merging: {result['speedup_tome_only']:.2f}x",
-            f"- flow + saliency: **{100 * result['flow_saliency_share_of_merged']:.1f}%** of the "
-            f"merged encoder time, {100 * result['flow_saliency_share_of_baseline']:.1f}% of "
-            f"the baseline (target < 10%)"]
+  lines.append("")
+  if result["speedup_merged"]:
+    lines.append(f"- speedup with merging (flow + saliency included): "
+                 f"**{result['speedup_merged']:.2f}x** on medians, "
+                 f"{result['speedup_merged_min']:.2f}x on minima (target >= 1.8x)")
+  if result["speedup_tome_only"]:
+    lines.append(f"- speedup, similarity-only merging: {result['speedup_tome_only']:.2f}x")
+  if result["flow_saliency_share_of_merged"]:
+    lines.append(f"- flow + saliency: **{100 * result['flow_saliency_share_of_merged']:.1f}%** "
+                 f"of the merged encoder time, "
+                 f"{100 * result['flow_saliency_share_of_baseline']:.1f}% of the baseline "
+                 f"(target < 10%)")
+  lines.append(f"- flow cells_per_token {spec.flow_cells_per_token} (flow on "
+               f"{(args.size // tub[1]) * spec.flow_cells_per_token} px frames), saliency "
+               f"cells_per_token {spec.saliency_cells_per_token}")
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, tag + ".json"), "w") as f:
     json.dump(result, f, indent=1)
