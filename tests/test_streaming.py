@@ -18,7 +18,7 @@ from hvlm_jax.data import video as video_lib
 from hvlm_jax.data.annotations import SplitData, VideoEntry
 from hvlm_jax.data.targets import action_targets
 from hvlm_jax.data.text import Vocabularies
-from hvlm_jax.models import heads, streaming
+from hvlm_jax.models import heads, stitching, streaming
 from hvlm_jax.models import model as model_lib
 
 from data_testutil import index_frames, tmp_dir, write_video
@@ -70,13 +70,13 @@ def stitch(logits, offsets, step_times, step_duration, duration, *, window, top_
            nms=0.5, max_det=20, min_score=1e-3, step_valid=None):
   """Runs the streaming detection state over segments (S, B, T', ...) of head outputs."""
   s, b, t, c = logits.shape
-  state = streaming.detection_state(b, t, c, window=window, pre_nms_top_k=top_k)
-  update = jax.jit(streaming.detection_update, static_argnames="window")
+  state = stitching.detection_state(b, t, c, window=window, pre_nms_top_k=top_k)
+  update = jax.jit(stitching.detection_update, static_argnames="window")
   for i in range(s):
     valid = np.ones((b, t), bool) if step_valid is None else step_valid[i]
     state = update(state, logits[i], offsets[i], step_times[i], step_duration, duration, valid,
                    window=window)
-  return streaming.detection_finish(state, window=window, nms_threshold=nms,
+  return stitching.detection_finish(state, window=window, nms_threshold=nms,
                                     max_detections=max_det, min_score=min_score)
 
 
@@ -190,7 +190,8 @@ def test_streaming_with_a_large_bank_equals_attending_to_the_concatenated_memory
   t = e["time_features"].shape[1]
   x = np.concatenate([e["time_features"], np.reshape(e["step_tokens"], (b, -1, 32))], 1)
   x = reference_reader(params["memory_reader"], x, concat[:, :6], all_sizes[:6], 2)
-  head = jax.jit(lambda v, f, s: model.apply(v, f, s, method=lambda m, f, s: m.detection_head(f, s)))
+  head = jax.jit(lambda v, f, s: model.apply(
+      v, f, s, method=lambda m, f, s: m.detection_head(f, s)))
   ref3 = head(v, x[:, :t].astype(np.float32), x[:, t:].reshape(e["step_tokens"].shape).astype(
       np.float32))["logits"]
   np.testing.assert_allclose(state["detection"]["pend_scores"], jax.nn.sigmoid(ref3), rtol=1e-4,
@@ -328,7 +329,7 @@ def test_training_segments_have_the_targets_of_their_whole_window():
   np.testing.assert_array_equal(ex["video"][:, :, 0, 0, 0].reshape(-1), expected)
 
 
-def test_split_predictions_of_a_video_do_not_depend_on_the_videos_batched_with_it():
+def test_split_predictions_do_not_depend_on_the_batch_and_losses_equal_the_training_loss():
   # The 6 s video (3 segments) streamed beside a 10 s one (its segments 4, 5 masked) and alone.
   data_config, split, vocabs = data_setup(eval_batch_size=2)
   config = tiny_config(tasks=("action_detection", "video_qa"))
@@ -338,15 +339,26 @@ def test_split_predictions_of_a_video_do_not_depend_on_the_videos_batched_with_i
   config.model.streaming.summary_tokens, config.model.streaming.memory_capacity = 3, 4
   model = streaming.build_streaming_model(config)
   (video, segs), = list(segments_lib.streaming_eval_batches(config, split, vocabs))
-  first = next(segs)
-  params = init(model, dict(first, questions=video["questions"],
+  segs = list(segs)
+  params = init(model, dict(segs[0], questions=video["questions"],
                             caption_tokens=video["caption_tokens"]))
   params["memory_reader"]["gate"] = jnp.full_like(params["memory_reader"]["gate"], 0.8)
-  (both, _), = list(streaming.split_predictions(config, model, params, split, vocabs))
+  (both, metrics, count, _), = list(streaming.split_predictions(config, model, params, split, vocabs))
   config.data.eval_batch_size = 1
-  alone, _ = next(streaming.split_predictions(config, model, params, split, vocabs))
-  assert int(np.asarray(both["detection_valid"][0]).sum()) > 0
+  alone, _, _, _ = next(streaming.split_predictions(config, model, params, split, vocabs))
+  assert int(np.asarray(both["detection_valid"][0]).sum()) > 0 and int(count) == 2
   for k, v in alone.items():
     np.testing.assert_allclose(np.asarray(both[k][:1]), np.asarray(v), rtol=1e-5, atol=1e-6,
                                err_msg=k)
   assert float(np.asarray(both["detection_end"][0]).max()) <= 6.0  # Clipped to the video.
+
+  # Evaluation losses (accumulated segment by segment) == streaming_loss on all segments at once.
+  stacked = {k: np.stack([s[k] for s in segs], 1) for k in
+             ("video", "segment_valid", "action_targets", "action_offsets", "step_times")}
+  train_batch = dict(video, **stacked, step_duration=segs[0]["step_duration"],
+                     action_mask=video["action_mask"] & video["valid"])
+  _, ref = jax.jit(lambda p, b: streaming.streaming_loss(model, p, b, config, train=False))(
+      params, train_batch)
+  assert float(ref["action_detection_loss"]) > 0
+  for k, v in ref.items():
+    np.testing.assert_allclose(float(metrics[k]), float(v), rtol=1e-5, err_msg=k)

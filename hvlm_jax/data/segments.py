@@ -15,7 +15,8 @@ Schemas (numpy; B videos, S segments, T frames, T' = T / tubelet_size[0] steps):
   segment batch (`streaming_eval_batches`): video (B, T, S, S, 3) uint8 | features (B, T, F),
     timestamps (B, T), step_times (B, T') video seconds, step_duration (B,), duration (B,),
     domain (B,) int32, segment_valid (B,) bool (False past a video's last segment),
-    segment_index (B,) int32.
+    segment_index (B,) int32, action_targets (B, T', C) / action_offsets (B, T', 2) of the
+    segment's window, action_mask (B,) bool.
   video batch: the eval BATCH SCHEMA of the whole video (QA, captions, label, segments over
     [0, L)) plus num_segments (B,) int32.
   training example (`make_streaming_train_iterator`): per segment video (S, T, ...),
@@ -214,11 +215,12 @@ def streaming_eval_batches(config, split: SplitData, vocabs, *, process_index: i
                 duration=np.float32(duration), num_segments=np.int32(reader.count(entry)))
       videos.append(ex if slot < len(split) else _blank(ex))
     video_batch = {k: np.stack([v[k] for v in videos]) for k in videos[0]}
-    yield video_batch, _segment_batches(config, reader, split, video_batch, total)
+    yield video_batch, _segment_batches(config, reader, split, vocabs, video_batch, total)
 
 
-def _segment_batches(config, reader, split, video_batch, total: int):
+def _segment_batches(config, reader, split, vocabs, video_batch, total: int):
   streams = {}
+  steps = config.data.video.num_frames // config.model.tubelet_size[0]
   for s in range(total):
     rows = {}
     for k, (idx, ok, n) in enumerate(zip(video_batch["index"], video_batch["valid"],
@@ -230,11 +232,21 @@ def _segment_batches(config, reader, split, video_batch, total: int):
     template = reader.blank(split.entries[0])
     segs = [rows.get(k, template) for k in range(len(video_batch["index"]))]
     batch = {key: np.stack([r[key] for r in segs]) for key in template}
+    targets = []  # The segment's detection targets, for the evaluation loss.
+    for idx, ok, n in zip(video_batch["index"], video_batch["valid"],
+                          video_batch["num_segments"]):
+      actions = (split.entries[int(idx)].actions or []) if ok and s < n else []
+      classes = np.array([vocabs.action_id(l) for _, _, l in actions], np.int64)
+      targets.append(action_targets(actions, classes, s * reader.seconds, reader.seconds, steps,
+                                    vocabs.num_actions))
+    for key in ("action_targets", "action_offsets"):
+      batch[key] = np.stack([t[key] for t in targets])
     fields = _step_fields(config, s, reader.seconds)
     batch.update(step_times=np.broadcast_to(fields["step_times"],
                                             (len(segs),) + fields["step_times"].shape).copy(),
                  step_duration=np.full(len(segs), fields["step_duration"], np.float32),
                  duration=video_batch["duration"], domain=video_batch["domain"],
+                 action_mask=video_batch["action_mask"] & video_batch["valid"],
                  segment_index=np.full(len(segs), s, np.int32))
     yield batch
 

@@ -9,12 +9,12 @@ Segment s, given the bank (B, C, D) of the segments before it:
      x + tanh(g) * CrossMemoryAttention(LN(x), bank), g (D,) = 0 at init (Flamingo's tanh gate),
      with log(entry size) on the memory logits (proportional attention: an entry standing for
      k tokens weighs like k copies). The detection head reads them: per-step scores and
-     boundaries in video seconds go into a fixed-size candidate buffer (`detection_update`).
+     boundaries in video seconds go into a fixed-size candidate buffer (stitching.py).
   3. The bank takes in K summary tokens of the segment's encoder tokens (size-weighted means of
      K runs of consecutive, time-major tokens, `memory.pool_tokens`) and `memory.compress_memory`
      brings it back to C entries (MA-LMM: merge the most similar adjacent pair, repeat).
 After the last segment, classification, QA and captioning read the bank as their video tokens;
-detection runs class-wise NMS over the candidates of all segments (`detection_finish`).
+detection runs class-wise NMS over the candidates of all segments (stitching.py).
 
 Device memory is constant in the number of segments: the state is the bank (C x D), K_pre
 candidates and one pending segment of scores, and one compiled program serves every segment.
@@ -39,12 +39,11 @@ from hvlm_jax.models import heads as heads_lib
 from hvlm_jax.models import model as model_lib
 from hvlm_jax.models.attention.memory import CrossMemoryAttention, compress_memory, pool_tokens
 from hvlm_jax.models.attention.sparse import pad_axis
-from hvlm_jax.models.heads.detection import nms_1d
 from hvlm_jax.models.layers import layer_norm, partitioned
+from hvlm_jax.models.stitching import detection_finish, detection_state, detection_update
 
 DEFAULTS = dict(enabled=True, auto_threshold=1.0, segment_seconds=8.0, memory_capacity=64,
                 summary_tokens=16, train_segments=0, truncation=2, remat_segments=True)
-NO_SCORE = -1.0  # Candidate-buffer filler: below any sigmoid score, so never kept.
 
 
 def streaming_options(model_config) -> ml_collections.ConfigDict:
@@ -167,9 +166,24 @@ def build_streaming_model(config) -> StreamingVLM:
                       dtype=model_lib.compute_dtype(config), remat_policy=policy)
 
 
+def trains_with_memory(config) -> bool:
+  """config.model.streaming.train_segments > 0: the trainer uses `streaming_loss`."""
+  return streaming_options(config.model).train_segments > 0
+
+
+def build_model(config) -> model_lib.HierarchicalVLM:
+  """The model a config asks for: StreamingVLM when model.streaming is enabled or trains with
+  memory (on clips it is HierarchicalVLM), else HierarchicalVLM."""
+  opts = streaming_options(config.model)
+  if opts.enabled or opts.train_segments > 0:
+    return build_streaming_model(config)
+  return model_lib.build_model(config)
+
+
 def add_memory_params(params, streaming_params):
   """A HierarchicalVLM params tree completed with the streaming-only subtrees (fresh ones from
-  `streaming_params`, e.g. an init of the StreamingVLM); existing entries are kept as they are."""
+  `streaming_params`, e.g. an init of the StreamingVLM); existing entries are kept as they are.
+  With a fresh reader (gate 0) the per-segment outputs are the clip model's."""
   out = dict(params)
   for key, value in streaming_params.items():
     out.setdefault(key, value)
@@ -204,86 +218,6 @@ def _batch_size(batch) -> int:
   return (batch["features"] if "features" in batch else batch["video"]).shape[0]
 
 
-# ----- detection stitching -------------------------------------------------------------------
-def detection_state(batch_size: int, num_steps: int, num_classes: int, *, window: int,
-                    pre_nms_top_k: int) -> dict:
-  """Empty stitching state: a candidate buffer (B, K) and one pending segment of scores."""
-  b, t, c, h, k = batch_size, num_steps, num_classes, window // 2, pre_nms_top_k
-  if window - 1 - h > num_steps:
-    raise ConfigError(f"config.model.heads.detection.smoothing_window={window} "
-                                f"reaches past the next segment ({num_steps} steps).")
-  z = lambda *s: jnp.zeros(s, jnp.float32)  # noqa: E731
-  return dict(cand_start=z(b, k), cand_end=z(b, k), cand_label=jnp.zeros((b, k), jnp.int32),
-              cand_score=jnp.full((b, k), NO_SCORE, jnp.float32),
-              pend_scores=z(b, t, c), pend_start=z(b, t), pend_end=z(b, t),
-              pend_valid=jnp.zeros((b, t), bool), left_scores=z(b, h, c),
-              left_valid=jnp.zeros((b, h), bool))
-
-
-def _emit(state, right_scores, right_valid, window: int):
-  """Pending segment -> candidates: scores smoothed over the video timeline (left context of
-  the segment before, right context of the one after; steps that do not exist do not count,
-  as `smooth_scores` at the ends of a clip), top-k merged into the buffer."""
-  t, k = state["pend_scores"].shape[1], state["cand_score"].shape[1]
-  seq = jnp.concatenate([state["left_scores"], state["pend_scores"], right_scores], 1)
-  valid = jnp.concatenate([state["left_valid"], state["pend_valid"], right_valid], 1)
-  pad = window - 1 - (seq.shape[1] - t)  # Right context missing at the end of the video.
-  seq = jnp.pad(jnp.where(valid[..., None], seq, 0.0), [(0, 0), (0, pad), (0, 0)])
-  counts = jnp.pad(valid.astype(jnp.float32), [(0, 0), (0, pad)])
-  total = sum(seq[:, i:i + t] for i in range(window))
-  smoothed = total / jnp.maximum(sum(counts[:, i:i + t] for i in range(window)), 1.0)[..., None]
-  b, c = smoothed.shape[0], smoothed.shape[2]
-  flat = jnp.where(state["pend_valid"][..., None], smoothed, NO_SCORE).reshape(b, t * c)
-  top, idx = jax.lax.top_k(flat, min(k, t * c))
-  step, label = idx // c, (idx % c).astype(jnp.int32)
-  pool = dict(score=jnp.concatenate([state["cand_score"], top], 1),
-              start=jnp.concatenate([state["cand_start"],
-                                     jnp.take_along_axis(state["pend_start"], step, 1)], 1),
-              end=jnp.concatenate([state["cand_end"],
-                                   jnp.take_along_axis(state["pend_end"], step, 1)], 1),
-              label=jnp.concatenate([state["cand_label"], label], 1))
-  best, sel = jax.lax.top_k(pool["score"], k)
-  return dict(state, cand_score=best, **{f"cand_{n}": jnp.take_along_axis(pool[n], sel, 1)
-                                          for n in ("start", "end", "label")})
-
-
-def detection_update(state, logits, offsets, step_times, step_duration, duration, step_valid,
-                     *, window: int) -> dict:
-  """Takes in one segment's head outputs; emits the previous segment's candidates.
-
-  logits (B, T', C), offsets (B, T', 2) in step units, step_times (B, T') video seconds of the
-  step centres, step_duration (B,), duration (B,) video seconds, step_valid (B, T') bool.
-  Boundaries are step_time -/+ offset * step_duration clipped to [0, duration], as
-  `decode_detections` does for a clip. A segment is emitted one segment late, once the steps
-  after it are known, so its smoothing crosses the border exactly.
-  """
-  scores = jax.nn.sigmoid(logits.astype(jnp.float32))
-  dur = step_duration.astype(jnp.float32)[:, None]
-  start = jnp.maximum(step_times - offsets[..., 0] * dur, 0.0)
-  end = jnp.minimum(step_times + offsets[..., 1] * dur, duration.astype(jnp.float32)[:, None])
-  r, h = window - 1 - window // 2, window // 2
-  state = _emit(state, scores[:, :r], step_valid[:, :r], window)
-  if h:
-    left = jnp.concatenate([state["left_scores"], state["pend_scores"]], 1)[:, -h:]
-    left_valid = jnp.concatenate([state["left_valid"], state["pend_valid"]], 1)[:, -h:]
-    state = dict(state, left_scores=left, left_valid=left_valid)
-  return dict(state, pend_scores=scores, pend_start=start, pend_end=end, pend_valid=step_valid)
-
-
-def detection_finish(state, *, window: int, nms_threshold: float, max_detections: int,
-                     min_score: float) -> dict:
-  """After the last segment: (B, m) start, end (seconds), label, score, valid, sorted by score,
-  m = min(max_detections, pre_nms_top_k); class-wise NMS across every segment border."""
-  b, _, c = state["pend_scores"].shape
-  state = _emit(state, jnp.zeros((b, 0, c)), jnp.zeros((b, 0), bool), window)
-  s, e, lab, top = (state[f"cand_{n}"] for n in ("start", "end", "label", "score"))
-  keep = jax.vmap(nms_1d, in_axes=(0, 0, 0, 0, None))(s, e, lab, top, nms_threshold)
-  keep = keep & (top >= min_score) & (top > NO_SCORE) & (e > s)
-  best, sel = jax.lax.top_k(jnp.where(keep, top, -1.0), min(max_detections, top.shape[1]))
-  take = lambda x: jnp.take_along_axis(x, sel, 1)  # noqa: E731
-  return dict(start=take(s), end=take(e), label=take(lab), score=best, valid=best >= 0)
-
-
 # ----- inference: one compiled step per segment ----------------------------------------------
 def init_state(model: StreamingVLM, batch_size: int, num_steps: int) -> dict:
   """Streaming state of B videos: the bank, detection stitching, router logits summed."""
@@ -296,6 +230,7 @@ def init_state(model: StreamingVLM, batch_size: int, num_steps: int) -> dict:
     state["detection"] = detection_state(batch_size, num_steps, cfg.heads.num_classes,
                                          window=max(d.smoothing_window, 1),
                                          pre_nms_top_k=d.pre_nms_top_k)
+    state["detection_loss"] = jnp.zeros((4,), jnp.float32)  # Sums: cls, reg, hits, positives.
   if model_lib.uses_router(cfg):
     state["router_sum"] = jnp.zeros((batch_size, cfg.domain_modules.num_domains), jnp.float32)
   return state
@@ -318,10 +253,45 @@ def segment_step(model: StreamingVLM, variables, state: dict, batch: dict,
         state["detection"], seg["detection_logits"], seg["detection_offsets"],
         batch["step_times"], batch["step_duration"], batch["duration"], step_valid,
         window=max(model.config.heads.detection.smoothing_window, 1))
+    if "action_targets" in batch:
+      state["detection_loss"] = state["detection_loss"] + _detection_loss_sums(
+          seg, batch, model.config.heads.detection)
   if "router_sum" in state:
     state["router_sum"] = state["router_sum"] + jnp.where(
         valid[:, None], jax.nn.log_softmax(seg["router_logits"].astype(jnp.float32)), 0.0)
   return state
+
+
+def _detection_loss_sums(seg, batch, d):
+  """`detection_loss` of one segment as unnormalised sums (cls, reg, hits, positive steps), so
+  that their totals over segments normalise by the video's positives as on one timeline."""
+  mask = batch["segment_valid"]
+  det = heads_lib.detection_loss(
+      seg["detection_logits"], seg["detection_offsets"], batch, loss=d.loss,
+      focal_alpha=d.focal_alpha, focal_gamma=d.focal_gamma, regression_loss=d.regression_loss,
+      regression_weight=d.regression_weight, mask=mask)
+  present = (batch["action_mask"] & mask)[:, None]
+  pos = ((batch["action_targets"].max(-1) > 0) & present).sum().astype(jnp.float32)
+  n = jnp.maximum(pos, 1.0)
+  return jnp.stack([det["cls"] * n, det["reg"] * n, det["accuracy"] * n, pos])
+
+
+def finish_losses(model: StreamingVLM, variables, state: dict, batch: dict, config):
+  """Evaluation losses of streamed videos: `compute_losses` of the video heads on the bank
+  (teacher-forced captions) plus the detection loss summed over every segment (segment
+  batches with action_targets). Returns (total, metrics) as `compute_losses`."""
+  outputs = model.apply(variables, state["bank"], state["bank_mask"], state["bank_sizes"], batch,
+                        method=StreamingVLM.video_outputs)
+  total, metrics = model_lib.compute_losses(outputs, batch, config)
+  if "detection_loss" in state:
+    cls, reg, hits, pos = state["detection_loss"]
+    n, d = jnp.maximum(pos, 1.0), config.model.heads.detection
+    det = (cls + d.regression_weight * reg) / n
+    total = total + config.training.loss_weights.action_detection * det
+    metrics.update(action_detection_loss=det, action_detection_cls_loss=cls / n,
+                   action_detection_reg_loss=reg / n, action_detection_accuracy=hits / n,
+                   loss=total)
+  return total, metrics
 
 
 def finish(model: StreamingVLM, variables, state: dict, batch: dict) -> dict:
@@ -354,18 +324,23 @@ def stream_predict(step_fn, finish_fn, variables, state: dict, video_batch: dict
 def split_predictions(config, model: StreamingVLM, params, split, vocabs, *, put=lambda b: b,
                       process_index: int = 0, process_count: int = 1):
   """Streams every video of `split` (hvlm_jax/data/segments.py `streaming_eval_batches`):
-  yields (predictions, video_batch) per batch of config.data.eval_batch_size videos, the
-  predictions those of HierarchicalVLM.predict for whole videos (detections in video seconds).
-  `put` places host batches on devices (e.g. train.sharding.global_batch on a mesh). One
-  compiled segment step and one compiled finish serve every batch and every length."""
+  yields (predictions, loss metrics, count, video_batch) per batch of
+  config.data.eval_batch_size videos: predictions as HierarchicalVLM.predict's for whole videos
+  (detections in video seconds), loss metrics as `compute_losses`' (`finish_losses`) averaged
+  over the batch's `count` valid videos (global, over every process). `put` places host batches on devices (e.g. train.sharding.global_batch on a
+  mesh). One compiled segment step and one compiled finish serve every batch and length."""
   from hvlm_jax.data import segments as segments_lib  # Local: the model needs no data code.
   step = jax.jit(functools.partial(segment_step, model), donate_argnums=1)
-  fin = jax.jit(functools.partial(finish, model))
+
+  def end(variables, state, batch):
+    return (finish(model, variables, state, batch),
+            finish_losses(model, variables, state, batch, config)[1], batch["valid"].sum())
+  end = jax.jit(end)
   num_steps = config.data.video.num_frames // config.model.tubelet_size[0]
   for video, segs in segments_lib.streaming_eval_batches(
       config, split, vocabs, process_index=process_index, process_count=process_count):
     state = init_state(model, config.data.eval_batch_size, num_steps)
-    yield stream_predict(step, fin, {"params": params}, state, video, segs, put=put), video
+    yield (*stream_predict(step, end, {"params": params}, state, video, segs, put=put), video)
 
 
 # ----- training with memory ------------------------------------------------------------------
