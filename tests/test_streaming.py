@@ -343,7 +343,8 @@ def test_split_predictions_do_not_depend_on_the_batch_and_losses_equal_the_train
   params = init(model, dict(segs[0], questions=video["questions"],
                             caption_tokens=video["caption_tokens"]))
   params["memory_reader"]["gate"] = jnp.full_like(params["memory_reader"]["gate"], 0.8)
-  (both, metrics, count, _), = list(streaming.split_predictions(config, model, params, split, vocabs))
+  (both, metrics, count, _), = list(streaming.split_predictions(config, model, params, split,
+                                                                 vocabs))
   config.data.eval_batch_size = 1
   alone, _, _, _ = next(streaming.split_predictions(config, model, params, split, vocabs))
   assert int(np.asarray(both["detection_valid"][0]).sum()) > 0 and int(count) == 2

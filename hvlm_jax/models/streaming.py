@@ -327,8 +327,9 @@ def split_predictions(config, model: StreamingVLM, params, split, vocabs, *, put
   yields (predictions, loss metrics, count, video_batch) per batch of
   config.data.eval_batch_size videos: predictions as HierarchicalVLM.predict's for whole videos
   (detections in video seconds), loss metrics as `compute_losses`' (`finish_losses`) averaged
-  over the batch's `count` valid videos (global, over every process). `put` places host batches on devices (e.g. train.sharding.global_batch on a
-  mesh). One compiled segment step and one compiled finish serve every batch and length."""
+  over the batch's `count` valid videos (global, over every process). `put` places host
+  batches on devices (e.g. train.sharding.global_batch on a mesh). One compiled segment step
+  and one compiled finish serve every batch and every length."""
   from hvlm_jax.data import segments as segments_lib  # Local: the model needs no data code.
   step = jax.jit(functools.partial(segment_step, model), donate_argnums=1)
 
