@@ -47,6 +47,9 @@ _SPLIT = flags.DEFINE_string("split", "test", "Split to score.")
 _OUT = flags.DEFINE_string("out", "benchmarks/studies", "Results directory.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/studies", "Training run directories.")
 _RERUN = flags.DEFINE_bool("rerun", False, "Ignore saved rows and train / evaluate again.")
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", "", "config.data.dir for every variant (default: the config's). A private "
+    "copy keeps a long study safe from others regenerating a shared synthetic dataset.")
 
 HEADLINE = (("action_mAP@0.5", "mAP@0.5"), ("action_mAP", "mAP"), ("qa_accuracy", "QA acc"),
             ("caption_CIDEr", "CIDEr"), ("caption_BLEU-4", "BLEU-4"),
@@ -77,6 +80,10 @@ def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
   return out
 
 
+class StudyStopped(RuntimeError):
+  """Training was asked to stop (SIGTERM); the study ends without recording the variant."""
+
+
 class _TrainableCount(logging.Handler):
   """Catches the trainer's "Trainable parameters: X of Y" line."""
 
@@ -96,6 +103,8 @@ def run_variant(study, study_name: str, name: str, workdir: str) -> dict:
   from hvlm_jax.train import trainer
   arg = f"variant={name},steps={_STEPS.value},layers={_LAYERS.value},batch_size={_BATCH.value}"
   config = study.get_config(arg)
+  if _DATA_DIR.value:
+    config.data.dir = os.path.abspath(_DATA_DIR.value)
   parent = getattr(study, "INIT_FROM", {}).get(name)
   if parent:
     config.init_from = os.path.abspath(os.path.join(workdir, parent))
@@ -113,6 +122,10 @@ def run_variant(study, study_name: str, name: str, workdir: str) -> dict:
     logging.getLogger().removeHandler(counter)
   train_s = time.perf_counter() - t0
   load.append(os.getloadavg()[0])
+  with open(os.path.join(wd, "final_metrics.json")) as f:
+    if json.load(f)["step"] < config.training.num_steps:  # SIGTERM: the trainer saved, stop.
+      raise StudyStopped(f"{name} stopped before step {config.training.num_steps}; rerun the "
+                         "same command to resume it.")
   metrics = evaluate_lib.evaluate_checkpoint(config, wd, step="latest", split=_SPLIT.value)
   scalars = read_scalars(os.path.join(wd, "tensorboard"))
   rates = [v for _, v in scalars.get("train/clips_per_second", [])][1:]  # 1st: compile.
@@ -161,7 +174,7 @@ def main(argv):
   os.makedirs(os.path.join(out, "runs"), exist_ok=True)
   workdir = os.path.join(_WORKDIR.value, name)
   budget = dict(steps=_STEPS.value, layers=_LAYERS.value, batch_size=_BATCH.value,
-                split=_SPLIT.value)
+                split=_SPLIT.value, data_dir=_DATA_DIR.value)
   rows = []
   for v in variants:
     saved = os.path.join(out, "runs", f"{v}.json")
@@ -175,6 +188,9 @@ def main(argv):
     logging.info("%s/%s: training %d steps", name, v, _STEPS.value)
     try:
       row = run_variant(study, name, v, workdir)
+    except StudyStopped as e:
+      logging.warning("%s", e)
+      break
     except Exception as e:  # One broken variant must not lose the others' results.
       logging.error("%s/%s failed:\n%s", name, v, traceback.format_exc())
       row = dict(variant=v, changes=describe(study.VARIANTS[v], None),
@@ -233,7 +249,7 @@ def markdown(meta, rows, per_domain: bool) -> str:
   baseline = [r["qa_majority_baseline"] for r in rows if "qa_majority_baseline" in r]
   lines = [
       f"# Study: {meta['study']}", "", meta["description"], "",
-      f"**Budget: {b['steps']} training steps per variant, {b['layers']} encoder blocks, batch "
+      f"**Budget: {b['steps']} training steps per variant, {b['layers']} encoder block(s), batch "
       f"{b['batch_size']}** (the demo trains 600 steps with 4 blocks), width {meta['width']}, "
       f"{meta['heads']} heads, MLP {meta['mlp']}, {meta['frames']} frames of "
       f"{meta['frame_size']}^2, learning rate {meta['learning_rate']}, seed {meta['seed']}, one "
@@ -241,7 +257,7 @@ def markdown(meta, rows, per_domain: bool) -> str:
       f"{b['split']} split. " + (f"QA majority-answer baseline: {baseline[0]:.3f}. "
                                  if baseline else "") +
       f"Commit {meta['commit']}; {meta['device']}; `{meta['command']}`.", "",
-      "| variant | changes | trainable params | train loss | test loss | " +
+      f"| variant | changes | trainable params | train loss | {b['split']} loss | " +
       " | ".join(h for _, h in HEADLINE) + " | train clips/s* | train min* |",
       "|---" * (7 + len(HEADLINE)) + "|"]
   for r in rows:
