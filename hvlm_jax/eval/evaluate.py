@@ -51,12 +51,20 @@ def make_eval_step(config, model):
 
 def run_split(config, model, params, split_data, vocabs, mesh, *, max_batches: int = 0,
               progress: bool = False):
-  """Runs the model over a split; (mean losses, per-video prediction records)."""
+  """Runs the model over a split; (mean losses, per-video prediction records).
+
+  A StreamingVLM streams the videos longer than model.streaming.auto_threshold segments
+  (hvlm_jax/models/streaming.py); losses average over clip-length and streamed videos."""
   from hvlm_jax import data as data_lib
+  from hvlm_jax.data import segments as segments_lib
+  from hvlm_jax.models import streaming
+  long_split = None
+  if isinstance(model, streaming.StreamingVLM):
+    split_data, long_split = segments_lib.split_by_length(config, split_data)
   eval_step = make_eval_step(config, model)
   sums, total = {}, 0.0
   records = []
-  batches = data_lib.eval_batches(config, split_data, vocabs,
+  batches = iter(()) if not len(split_data) else data_lib.eval_batches(config, split_data, vocabs,
                                   process_index=jax.process_index(),
                                   process_count=jax.process_count())
   if progress:
@@ -74,6 +82,16 @@ def run_split(config, model, params, split_data, vocabs, mesh, *, max_batches: i
         sums[k] = sums.get(k, 0.0) + float(v) * count
       total += count
       records.extend(_records(jax.device_get(_local(preds)), batch, split_data, vocabs))
+    if long_split is not None and len(long_split):
+      for preds, losses, count, batch in streaming.split_predictions(
+          config, model, params, long_split, vocabs,
+          put=lambda b: sharding.global_batch(b, mesh), process_index=jax.process_index(),
+          process_count=jax.process_count()):
+        count = float(count)
+        for k, v in losses.items():
+          sums[k] = sums.get(k, 0.0) + float(v) * count
+        total += count
+        records.extend(_records(jax.device_get(_local(preds)), batch, long_split, vocabs))
   return {k: v / max(total, 1.0) for k, v in sums.items()}, records
 
 
@@ -189,7 +207,9 @@ def evaluate_checkpoint(config, workdir: str, *, step="latest", split: str = "te
   from hvlm_jax import config as config_lib
   from hvlm_jax import data as data_lib
   from hvlm_jax.train import trainer
-  from hvlm_jax.train.checkpoint import Checkpointer, abstract_with_shardings
+  from hvlm_jax.models import streaming
+  from hvlm_jax.train.checkpoint import (CheckpointMismatchError, Checkpointer,
+                                         abstract_with_shardings)
 
   workdir = os.path.abspath(workdir)
   vocab_path = os.path.join(workdir, "vocabularies.json")
@@ -213,7 +233,7 @@ def evaluate_checkpoint(config, workdir: str, *, step="latest", split: str = "te
     train_answers = [a for e in train.entries for _, a in e.qa_pairs or ()]
   except (FileNotFoundError, data_lib.AnnotationError) as e:
     logging.warning("Majority-answer baseline without training answers: %s", e)
-  model = model_lib.build_model(config)
+  model = streaming.build_model(config)
   example = next(iter(data_lib.eval_batches(config, split_data, vocabs)))
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.flax_logical_rules()):
     boxed = jax.eval_shape(lambda r: model.init({"params": r, "dropout": r, "features": r},
@@ -223,7 +243,18 @@ def evaluate_checkpoint(config, workdir: str, *, step="latest", split: str = "te
         {"params": r, "dropout": r, "features": r}, example, train=False)["params"]),
         jax.random.key(0))
   target = abstract_with_shardings(abstract, sharding.tree_shardings(boxed, mesh))
-  params = ckpt.restore_params(step, target)
+  try:
+    params = ckpt.restore_params(step, target)
+  except CheckpointMismatchError:
+    if "memory_reader" not in target:
+      raise
+    # A clip-model checkpoint: its parameters plus a fresh memory reader (gate 0).
+    params = ckpt.restore_params(step, {k: v for k, v in target.items() if k != "memory_reader"})
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.flax_logical_rules()):
+      fresh = jax.jit(lambda r: nn.meta.unbox(model.init(
+          {"params": r, "dropout": r, "features": r}, example, train=False)["params"]))(
+              jax.random.key(0))
+    params = streaming.add_memory_params(params, {"memory_reader": fresh["memory_reader"]})
   logging.info("Restored parameters of %s step %d onto %d device(s).", workdir, step, mesh.size)
 
   losses, records = run_split(config, model, params, split_data, vocabs, mesh, progress=True)

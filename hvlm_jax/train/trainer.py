@@ -25,6 +25,8 @@ from hvlm_jax import config as config_lib
 from hvlm_jax import data as data_lib
 from hvlm_jax.eval import evaluate as evaluate_lib
 from hvlm_jax.models import model as model_lib
+from hvlm_jax.models import streaming
+from hvlm_jax.data import segments as segments_lib
 from hvlm_jax.models.domain import lora
 from hvlm_jax.train import sharding, state as state_lib
 from hvlm_jax.train.checkpoint import Checkpointer, abstract_with_shardings
@@ -96,7 +98,7 @@ class Training:
 
 def build_training(config, mesh, example_batch, total_steps: int, rng) -> Training:
   """Model, optimizer, state initialised into its shardings on `mesh`, and the train step."""
-  model = model_lib.build_model(config)
+  model = streaming.build_model(config)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.flax_logical_rules()):
     abstract_params = jax.eval_shape(lambda r: nn.meta.unbox(model.init(
         {"params": r, "dropout": r, "features": r}, example_batch, train=False)["params"]),
@@ -116,6 +118,9 @@ def make_train_step(config, model, tx, schedule, state_shardings, mesh):
     dropout_rng, features_rng = jax.random.split(rng)
 
     def loss_fn(params):
+      if streaming.trains_with_memory(config):  # Batches of consecutive segments per video.
+        return streaming.streaming_loss(model, params, batch, config, merge_weights=merge_weights,
+                                        rngs={"dropout": dropout_rng, "features": features_rng})
       outputs = model.apply({"params": params}, batch, train=True, merge_weights=merge_weights,
                             rngs={"dropout": dropout_rng, "features": features_rng})
       return model_lib.compute_losses(outputs, batch, config)
@@ -231,7 +236,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if is_main:
     _write_json(os.path.join(workdir, "config.json"), config.to_dict())
   total_steps = total_train_steps(config, len(train_split))
-  train_iter = data_lib.make_train_iterator(
+  make_iterator = (segments_lib.make_streaming_train_iterator
+                   if streaming.trains_with_memory(config) else data_lib.make_train_iterator)
+  train_iter = make_iterator(
       config, train_split, vocabs, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
   first_batch = next(iter(data_lib.eval_batches(config, val_split, vocabs)))
@@ -297,7 +304,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if ratio not in steps_by_ratio:  # A new curriculum stage: compile its step once.
           config_r = with_compression_ratio(config, ratio)
           steps_by_ratio[ratio] = make_train_step(
-              config_r, model_lib.build_model(config_r), run.tx, run.schedule,
+              config_r, streaming.build_model(config_r), run.tx, run.schedule,
               run.state_shardings, mesh)
         state, metrics = steps_by_ratio[ratio](state, batch, train_rng, merge_weights)
         if merge_weights is not None:
