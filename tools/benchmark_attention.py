@@ -268,9 +268,12 @@ def plot(rows, path):
         ax.plot(*zip(*est), "x", ms=12, color=line.get_color())
   titles = ("forward wall time (s)", "forward+backward wall time (s)",
             "forward+backward CPU time (s)", "fwd+bwd compiled temp (MiB)")
+  lengths = sorted({r["tokens"] for r in rows})
   for ax, title in zip(axes, titles):
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.minorticks_off()
     ax.set_xlabel("tokens")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
