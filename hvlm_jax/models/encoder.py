@@ -75,7 +75,7 @@ class EncoderBlock(nn.Module):
     attn_cls = attention_lib.get(self.attention_type)
     attn = attn_cls(num_heads=self.num_heads, lora=self.lora, name="attention",
                     **dict(self.attention_options), **kw)
-    h = attn(layer_norm("ln_attention", **kw)(x), mask, key_bias=key_bias, domain=domain,
+    h = attn(layer_norm("ln_attention", **kw)(x), mask=mask, key_bias=key_bias, domain=domain,
              deterministic=deterministic)
     x = x + nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
     h = Mlp(self.mlp_dim, self.dropout_rate, self.lora, name="mlp", **kw)(
