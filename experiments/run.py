@@ -18,12 +18,10 @@ minutes) come from a machine that may be shared: compare them within one table o
 from __future__ import annotations
 
 import csv
-import glob
 import json
 import logging
 import os
 import platform
-import struct
 import subprocess
 import sys
 import time
@@ -37,6 +35,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from hvlm_jax.config import import_sibling  # noqa: E402
+from hvlm_jax.train.metric_writer import read_scalars  # noqa: E402
 
 _STUDY = flags.DEFINE_string("study", None, "Study name (experiments/<name>.py) or path.")
 _VARIANTS = flags.DEFINE_list("variants", [], "Subset of the study's variants (default all).")
@@ -61,23 +60,6 @@ def load_study(study: str):
   if not os.path.exists(path):
     raise app.UsageError(f"--study={study!r}: no file {path}.")
   return os.path.splitext(os.path.basename(path))[0], import_sibling(path, os.path.basename(path))
-
-
-def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
-  """Scalars from tensorboardX event files (TFRecord framing parsed directly)."""
-  from tensorboardX.proto import event_pb2
-  out: dict[str, list[tuple[int, float]]] = {}
-  for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
-    with open(path, "rb") as f:
-      data = f.read()
-    pos = 0
-    while pos + 12 <= len(data):
-      (n,) = struct.unpack("<Q", data[pos:pos + 8])
-      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
-      pos += 12 + n + 4
-      for v in event.summary.value:
-        out.setdefault(v.tag, []).append((event.step, v.simple_value))
-  return out
 
 
 class StudyStopped(RuntimeError):

@@ -142,7 +142,7 @@ def test_results_table_states_the_budget_and_keeps_failed_rows():
             test_loss=2.0, train_clips_per_s=3.0, train_minutes=4.0, qa_accuracy=0.5,
             qa_majority_baseline=0.25)
   text = run.markdown(meta, [ok, dict(variant="b", changes="x", status="failed: boom")], False)
-  assert "150 training steps per variant, 2 encoder blocks" in text
+  assert "150 training steps per variant, 2 encoder block(s)" in text
   assert "| a | type=full | 10 | 1.000 | 2.000 | - | - | 0.500 |" in text
   assert "| b | x | failed: boom |" in text
   assert "baseline: 0.250" in text

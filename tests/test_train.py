@@ -3,7 +3,6 @@ mesh-changing and params-only restore, corrupt-checkpoint fallback, event files.
 import glob
 import logging
 import os
-import struct
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +15,7 @@ from hvlm_jax import config as config_lib
 from hvlm_jax import data as data_lib
 from hvlm_jax.train import sharding, trainer
 from hvlm_jax.train.checkpoint import Checkpointer
+from hvlm_jax.train.metric_writer import read_scalars
 import data_testutil
 
 
@@ -130,23 +130,6 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous(single_and_shard
   assert step == 1 and int(state.step) == int(s1.step)
   assert "could not be restored" in caplog.text
   assert os.path.isdir(tmp_path / "checkpoints" / "2")  # Kept, never deleted.
-
-
-def read_scalars(logdir):
-  """Scalars from tensorboardX event files, parsed from the TFRecord framing directly."""
-  from tensorboardX.proto import event_pb2
-  out = {}
-  for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
-    with open(path, "rb") as f:
-      data = f.read()
-    pos = 0
-    while pos < len(data):
-      (n,) = struct.unpack("<Q", data[pos:pos + 8])
-      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
-      pos += 12 + n + 4
-      for v in event.summary.value:
-        out.setdefault(v.tag, []).append((event.step, v.simple_value))
-  return out
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path):

@@ -10,7 +10,7 @@ import time
 import numpy as np
 
 import data_testutil
-from test_train import read_scalars
+from hvlm_jax.train.metric_writer import read_scalars
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "tests", "tiny_train_config.py")

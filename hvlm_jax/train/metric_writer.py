@@ -61,3 +61,28 @@ def _format_seconds(s: float) -> str:
     return "?"
   s = int(s)
   return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
+  """Scalars of the event files in `logdir`: {tag: [(step, value), ...]}.
+
+  Parses the TFRecord framing (length, crc, payload, crc) directly, so reading a run back
+  needs neither TensorFlow nor TensorBoard.
+  """
+  import glob
+  import os
+  import struct
+
+  from tensorboardX.proto import event_pb2
+  out: dict[str, list[tuple[int, float]]] = {}
+  for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
+    with open(path, "rb") as f:
+      data = f.read()
+    pos = 0
+    while pos + 12 <= len(data):
+      (n,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+      pos += 12 + n + 4
+      for v in event.summary.value:
+        out.setdefault(v.tag, []).append((event.step, v.simple_value))
+  return out
