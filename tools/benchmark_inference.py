@@ -13,18 +13,22 @@ Per (attention, ratio, frames):
             flow and saliency that steer it.
   predict   the full `HierarchicalVLM.predict` (all four heads, detection decoding, beam
             search captioning), measured at the frame counts in --predict_frames only.
-Columns: latency_s (median over --repeats calls of a batch of --batch clips, after one warm-up
-call; min also kept), clips_per_s = batch / latency, compiled memory from
-`memory_analysis()`: peak_mib = arguments (params + batch) + temporaries + outputs - aliased.
-A combination whose compiled temporaries exceed --max_memory_fraction of MemAvailable is not
-run; one whose warm-up call exceeds --max_call_s is timed once, and larger frame counts of that
-(attention, ratio, function) are skipped; both are marked in `note`. Rows are appended to
-<out>/partial.jsonl as they come (--resume continues a killed run). Writes
-<out>/results.{csv,json,md} and <out>/inference.png.
+Timing: per frame count, every (attention, ratio, function) is compiled and warmed up, then
+all are called once per round for --repeats interleaved rounds, so load from other processes
+on a shared machine hits all of them alike. latency_s is the best round (on a shared machine
+the minimum is the better estimate of the uncontended time), latency_median_s the median;
+clips_per_s = batch / latency_s. Memory from `memory_analysis()`: peak_mib = arguments
+(params + batch) + temporaries + outputs - aliased. A combination whose compiled temporaries
+exceed --max_memory_fraction of MemAvailable is not run; one whose warm-up call exceeds
+--max_call_s is timed once; either way larger frame counts of that (attention, ratio,
+function) are skipped, marked in `note`. Rows are appended to <out>/partial.jsonl per frame
+count (--resume continues a killed run). Writes <out>/results.{csv,json,md} and
+<out>/inference.png.
 """
 from __future__ import annotations
 
 import csv
+import functools
 import gc
 import json
 import os
@@ -141,25 +145,6 @@ def compile_functions(config, batch, want_predict: bool):
   return variables, batch, compiled
 
 
-def measure_one(fn, variables, batch, stats: dict) -> dict:
-  need = stats["temp_mib"] * 2 ** 20
-  if need > _MAX_MEM.value * available_bytes():
-    return dict(note=f"not run: {need / 2 ** 30:.1f} GiB of temporaries, "
-                     f"{available_bytes() / 2 ** 30:.1f} GiB available")
-  t = time.perf_counter()
-  jax.block_until_ready(fn(variables, batch))  # Warm-up: first-run allocations.
-  first = time.perf_counter() - t
-  if first > _MAX_CALL.value:
-    return dict(latency_s=first, latency_min_s=first,
-                note=f"timed once: warm-up {first:.0f} s > --max_call_s")
-  times = []
-  for _ in range(_REPEATS.value):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(variables, batch))
-    times.append(time.perf_counter() - t)
-  return dict(latency_s=statistics.median(times), latency_min_s=min(times), note="")
-
-
 def memory(compiled) -> dict:
   m = compiled.memory_analysis()
   mib = lambda b: b / 2 ** 20
@@ -180,59 +165,87 @@ def main(argv):
               for r in map(json.loads, fh)}
   elif os.path.exists(partial):
     os.remove(partial)
-  frames = [int(f) for f in _FRAMES.value]
   ratios = [float(r) for r in _RATIOS.value]
   predict_frames = {int(f) for f in _PREDICT_FRAMES.value}
   rows, over_budget = [], {}
-  for att in _ATTENTION.value:
-    for ratio in ratios:
-      for n in frames:
-        functions = ["encoder"] + (["predict"] if n in predict_frames else [])
-        keys = [(att, ratio, n, f) for f in functions]
-        if all(k in done for k in keys):
-          rows += [done[k] for k in keys]
-          continue
-        rows += measure_config(att, ratio, n, functions, over_budget, partial)
-        gc.collect()
-        jax.clear_caches()
+  for n in [int(f) for f in _FRAMES.value]:
+    functions = ["encoder"] + (["predict"] if n in predict_frames else [])
+    keys = [(a, r, n, f) for a in _ATTENTION.value for r in ratios for f in functions]
+    if all(k in done for k in keys):
+      rows += [done[k] for k in keys]
+      continue
+    group = measure_group(n, ratios, functions, over_budget)
+    with open(partial, "a") as fh:
+      fh.writelines(json.dumps(r) + "\n" for r in group)
+    rows += group
+    gc.collect()
+    jax.clear_caches()
   finish(rows, out)
 
 
-def measure_config(att, ratio, n, functions, over_budget, partial) -> list[dict]:
-  config = model_config(att, ratio, n)
-  t, p = n // config.model.tubelet_size[0], (config.data.video.frame_size //
-                                              config.model.tubelet_size[1]) ** 2
-  base = dict(attention=att, ratio=ratio, frames=n, tokens=t * p, batch=_BATCH.value,
-              load=os.getloadavg()[0])
-  skip = {f: over_budget[(att, ratio, f)] for f in functions if (att, ratio, f) in over_budget}
-  rows = []
-  todo = [f for f in functions if f not in skip]
-  compiled = {}
-  if todo:
-    try:
-      batch = schema_batch(config, _BATCH.value)
-      variables, batch, compiled = compile_functions(config, batch, "predict" in todo)
-    except Exception as e:  # A configuration the model rejects is a row, not a crash.
-      for f in todo:
-        skip[f] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
-  for f in functions:
-    row = dict(base, function=f, latency_s=float("nan"), latency_min_s=float("nan"),
-               clips_per_s=float("nan"), compile_s=float("nan"), temp_mib=float("nan"),
-               argument_mib=float("nan"), peak_mib=float("nan"), note=skip.get(f, ""))
-    if f in compiled:
-      fn, compile_s = compiled[f]
-      row.update(memory(fn), compile_s=compile_s)
-      row.update(measure_one(fn, variables, batch, row))
+def measure_group(n, ratios, functions, over_budget) -> list[dict]:
+  """Every (attention, ratio, function) at `n` frames: compile all, warm each up, then time
+  them in --repeats interleaved rounds, so load from other processes hits all alike."""
+  rows, live = [], []
+  for att in _ATTENTION.value:
+    for ratio in ratios:
+      config = model_config(att, ratio, n)
+      t, p = n // config.model.tubelet_size[0], (config.data.video.frame_size //
+                                                  config.model.tubelet_size[1]) ** 2
+      todo = [f for f in functions if (att, ratio, f) not in over_budget]
+      compiled, note = {}, ""
+      if todo:
+        try:
+          batch = schema_batch(config, _BATCH.value)
+          variables, batch, compiled = compile_functions(config, batch, "predict" in todo)
+        except Exception as e:  # A configuration the model rejects is a row, not a crash.
+          note = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+      for f in functions:
+        row = dict(attention=att, ratio=ratio, frames=n, tokens=t * p, batch=_BATCH.value,
+                   function=f, latency_s=float("nan"), latency_median_s=float("nan"),
+                   clips_per_s=float("nan"), compile_s=float("nan"), temp_mib=float("nan"),
+                   argument_mib=float("nan"), peak_mib=float("nan"),
+                   note=over_budget.get((att, ratio, f), note), times=[])
+        rows.append(row)
+        if f not in compiled:
+          continue
+        fn, row["compile_s"] = compiled[f]
+        row.update(memory(fn))
+        if row["temp_mib"] * 2 ** 20 > _MAX_MEM.value * available_bytes():
+          row["note"] = (f"not run: {row['temp_mib'] / 1024:.1f} GiB of temporaries, "
+                         f"{available_bytes() / 2 ** 30:.1f} GiB available")
+          over_budget[(att, ratio, f)] = f"skipped: over memory at {n} frames"
+          continue
+        call = functools.partial(fn, variables, batch)
+        first = _timed(call)  # Warm-up: first-run allocations.
+        if first > _MAX_CALL.value:
+          row["times"], row["note"] = [first], f"timed once: warm-up {first:.0f} s > --max_call_s"
+          over_budget[(att, ratio, f)] = f"skipped: over time at {n} frames"
+        else:
+          live.append((row, call))
+      print(f"compiled {att} r={ratio} at {n} frames", flush=True)
+  loads = []
+  for _ in range(_REPEATS.value):
+    loads.append(os.getloadavg()[0])
+    for row, call in live:
+      row["times"].append(_timed(call))
+  for row in rows:
+    if row["times"]:
+      row["latency_s"], row["latency_median_s"] = min(row["times"]), statistics.median(
+          row["times"])
       row["clips_per_s"] = _BATCH.value / row["latency_s"]
-      if row["note"]:
-        over_budget[(att, ratio, f)] = f"skipped: over budget at {n} frames"
-    rows.append(row)
-    with open(partial, "a") as fh:
-      fh.write(json.dumps(row) + "\n")
-    print(f"{att:>13} r={ratio:<4} {n:>3} frames {f:>8}: {row['latency_s']:.3f} s, "
-          f"{row['clips_per_s']:.2f} clips/s, peak {row['peak_mib']:.0f} MiB, compile "
-          f"{row['compile_s']:.0f} s, load {row['load']:.1f} {row['note']}", flush=True)
+    row["load"] = float(np.mean(loads)) if loads else os.getloadavg()[0]
+    print(f"{row['attention']:>13} r={row['ratio']:<4} {n:>3} frames {row['function']:>8}: "
+          f"{row['latency_s']:.3f} s, {row['clips_per_s']:.2f} clips/s, peak "
+          f"{row['peak_mib']:.0f} MiB, compile {row['compile_s']:.0f} s {row['note']}",
+          flush=True)
   return rows
+
+
+def _timed(call) -> float:
+  t = time.perf_counter()
+  jax.block_until_ready(call())
+  return time.perf_counter() - t
 
 
 def finish(rows, out):
@@ -250,8 +263,8 @@ def finish(rows, out):
               frame_size=config.data.video.frame_size, tubelet=tuple(m.tubelet_size),
               batch=_BATCH.value, repeats=_REPEATS.value, dtype=str(m.dtype),
               merging_schedule=m.token_merging.schedule,
-              note="Wall times on a CPU shared with other jobs ('load': 1-min load average "
-                   "at the start of each configuration); compare within this run only.")
+              load={r["frames"]: round(r["load"], 1) for r in rows},
+              note="Wall times on a CPU shared with other jobs; compare within this run only.")
   with open(os.path.join(out, "results.json"), "w") as fh:
     json.dump(dict(meta=meta, rows=rows), fh, indent=1, default=str)
   table = markdown(rows, meta)
@@ -272,18 +285,19 @@ def markdown(rows, meta) -> str:
       f"configs/demo.py, width {meta['width']}, {meta['layers']} blocks, {meta['heads']} "
       f"heads, MLP {meta['mlp']}, {meta['frame_size']}^2 frames, tubelet {meta['tubelet']}, "
       f"{meta['dtype']}, batch {meta['batch']}; merging schedule {meta['merging_schedule']} "
-      "(flow + saliency included). Latency: median of "
-      f"{meta['repeats']} calls after a warm-up. {meta['note']}", "",
-      "| function | attention | ratio | frames | tokens | latency s | clips/s | peak MiB | "
-      "temp MiB | compile s | load | note |",
+      "(flow + saliency included). Latency: best of "
+      f"{meta['repeats']} interleaved rounds after a warm-up (median also shown); mean 1-min "
+      f"load per frame count {meta['load']}. {meta['note']}", "",
+      "| function | attention | ratio | frames | tokens | latency s (best) | median s | "
+      "clips/s | peak MiB | temp MiB | compile s | note |",
       "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in sorted(rows, key=lambda r: (r["function"] != "encoder", r["frames"], r["attention"],
                                        r["ratio"])):
     lines.append(
         f"| {r['function']} | {r['attention']} | {r['ratio']:g} | {r['frames']} | "
-        f"{r['tokens']} | {_f(r['latency_s'], '.3f')} | {_f(r['clips_per_s'], '.2f')} | "
-        f"{_f(r['peak_mib'], '.0f')} | {_f(r['temp_mib'], '.0f')} | "
-        f"{_f(r['compile_s'], '.0f')} | {r['load']:.1f} | {r['note']} |")
+        f"{r['tokens']} | {_f(r['latency_s'], '.4f')} | {_f(r['latency_median_s'], '.4f')} | "
+        f"{_f(r['clips_per_s'], '.2f')} | {_f(r['peak_mib'], '.0f')} | "
+        f"{_f(r['temp_mib'], '.0f')} | {_f(r['compile_s'], '.0f')} | {r['note']} |")
   speedups = []
   for r in rows:
     if r["function"] == "encoder" and r["ratio"] > 0:
