@@ -73,6 +73,13 @@ def get_config(arg=None):
   model.tubelet_size = (2, 16, 16)
   model.dropout_rate = 0.0
   model.attention_dropout_rate = 0.0
+  # Motion streams added to the RGB input (clip mode): "difference" (frame differences as
+  # extra tubelet channels), "flow" (per-token optical-flow descriptors, flow options below
+  # under token_merging.flow). Two-stream style; the demo uses both.
+  model.motion_input = ()
+  # "patch": linear tubelet projection (ViViT); "conv": per-frame stride-2 3x3 convolutions to
+  # the patch grid, then the tubelet's frames projected (Xiao et al. 2021; see encoder.py).
+  model.stem = "patch"
   model.dtype = "float32"  # Compute dtype; training.mixed_precision switches it to bfloat16.
   model.param_dtype = "float32"
 

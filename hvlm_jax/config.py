@@ -87,7 +87,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(
         f"config.model.hidden_size={model.hidden_size} is not divisible by "
         f"config.model.num_attention_heads={model.num_attention_heads}.")
+  motion = tuple(model.get("motion_input", ()))
+  unknown = [m for m in motion if m not in ("difference", "flow")]
+  if unknown or len(set(motion)) != len(motion):
+    raise ConfigError(
+        f"config.model.motion_input={motion!r} must list distinct streams out of "
+        f"'difference' and 'flow'.")
   t, p, q = model.tubelet_size
+  if model.get("stem", "patch") not in ("patch", "conv"):
+    raise ConfigError(f"config.model.stem={model.stem!r} is not 'patch' or 'conv'.")
+  if model.get("stem", "patch") == "conv" and (p & (p - 1) or p < 2):
+    raise ConfigError(f"config.model.stem='conv' needs a power-of-two patch size; got "
+                      f"config.model.tubelet_size[1]={p}.")
   if config.data.video.num_frames % t:
     raise ConfigError(
         f"config.data.video.num_frames={config.data.video.num_frames} is not divisible by "

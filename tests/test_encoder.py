@@ -90,3 +90,62 @@ def test_features_mode_makes_one_token_per_time_step():
   out = enc.apply(v, feats)
   assert out["tokens"].shape == (2, 6, 32) and out["grid"] == (6, 1)
   np.testing.assert_allclose(out["time_features"], out["tokens"], rtol=1e-6)
+
+
+def test_motion_inputs_add_difference_channels_and_a_flow_embedding(clip):
+  from hvlm_jax.models.token_merging.flow import token_flow_features
+  enc = VideoEncoder(**SMALL, motion_input=("difference", "flow"), flow_cells_per_token=2)
+  v = enc.init(jax.random.key(1), clip)
+  params = nn.meta.unbox(v)["params"]
+  assert params["tubelet_embedding"]["kernel"].shape == (2, 4, 4, 6, 32)
+  _, inter = enc.apply(v, clip, capture_intermediates=(
+      lambda mdl, _: mdl.name in ("tubelet_embedding", "motion_embedding")),
+      mutable=["intermediates"])
+  inter = inter["intermediates"]
+  conv = inter["tubelet_embedding"]["__call__"][0].reshape(2, 2, 4, 32)
+  x = (clip - 0.45) / 0.225
+  diff = np.concatenate([np.zeros_like(x[:, :1]), x[:, 1:] - x[:, :-1]], axis=1)
+  x6 = np.concatenate([x, diff], axis=-1)
+  k, bias = params["tubelet_embedding"]["kernel"], params["tubelet_embedding"]["bias"]
+  # Token (time 1, space 2) = rows 4..8, cols 0..4 of frames 2..3: its first frame's
+  # difference channels see frame 2 - frame 1, across the tubelet boundary.
+  tube = x6[:, 2:4, 4:8, 0:4, :]
+  np.testing.assert_allclose(conv[:, 1, 2], np.einsum("bthwc,thwcd->bd", tube, k) + bias,
+                             rtol=1e-4, atol=1e-4)
+  flow = token_flow_features(clip, (2, 4, 4), cells_per_token=2)
+  m = params["motion_embedding"]
+  np.testing.assert_allclose(inter["motion_embedding"]["__call__"][0],
+                             np.einsum("btpf,fd->btpd", flow, m["kernel"]) + m["bias"],
+                             rtol=1e-4, atol=1e-5)
+  boxes = jax.tree.leaves(v, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  assert all(len(b.names) == b.value.ndim for b in boxes)
+  # The flow stream is a stop_gradient input: gradients to the clip stay finite.
+  g = jax.grad(lambda c: enc.apply(v, c)["tokens"].sum())(clip)
+  assert np.isfinite(np.asarray(g)).all()
+
+
+def test_conv_stem_is_per_frame_stride_two_convolutions_joined_per_tubelet(clip):
+  from hvlm_jax.models.encoder import ConvStem
+  stem = ConvStem(32, (2, 4, 4))
+  x = (clip - 0.45) / 0.225
+  v = stem.init(jax.random.key(3), x)
+  out, inter = stem.apply(v, x, capture_intermediates=(lambda m, _: m.name == "conv_0"),
+                          mutable=["intermediates"])
+  assert out.shape == (2, 2, 2, 2, 32)  # (B, T/t, H/p, W/p, D)
+  # conv_0 against an explicit loop: 3x3, stride 2, SAME padding (XLA pads 0 before, 1 after
+  # for an even size), on every frame separately.
+  k = nn.meta.unbox(v)["params"]["conv_0"]["kernel"]
+  b0 = nn.meta.unbox(v)["params"]["conv_0"]["bias"]
+  xp = np.pad(np.asarray(x).reshape(8, 8, 8, 3), ((0, 0), (0, 1), (0, 1), (0, 0)))
+  ref = np.zeros((8, 4, 4, k.shape[-1]), np.float32)
+  for i in range(4):
+    for j in range(4):
+      ref[:, i, j] = np.einsum("nhwc,hwcd->nd", xp[:, 2 * i:2 * i + 3, 2 * j:2 * j + 3], k) + b0
+  np.testing.assert_allclose(inter["intermediates"]["conv_0"]["__call__"][0], ref,
+                             rtol=1e-4, atol=1e-4)
+  # A change in frame 3 only reaches tubelet 1 (frames 2-3), not tubelet 0.
+  changed = stem.apply(v, x.at[:, 3].add(1.0))
+  np.testing.assert_array_equal(changed[:, 0], out[:, 0])
+  assert not np.allclose(changed[:, 1], out[:, 1])
+  boxes = jax.tree.leaves(v, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  assert boxes and all(len(b.names) == b.value.ndim for b in boxes)

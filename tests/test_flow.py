@@ -133,3 +133,34 @@ def test_flow_motion_peaks_on_the_moving_patch_and_stays_low_when_static():
   assert grid[:, :2, 1:3].mean() > 0.5  # Tokens the square crosses (rows 4..12, cols 8..22).
   assert grid[:, 2:, :].max() < 0.1  # Lower half: static background.
   assert np.unravel_index(grid.argmax(), grid.shape)[1:] in [(0, 1), (1, 1), (0, 2), (1, 2)]
+
+
+def test_token_flow_features_give_direction_per_cell_and_nothing_when_static():
+  ys, xs = np.mgrid[0:32, 0:32].astype(np.float64)
+  bg = texture(xs, ys, seed=3)
+  obj = texture(xs, ys, seed=4)
+  frames = np.stack([bg] * 4)
+  moving = frames.copy()
+  for t in range(4):  # A textured square moving down 2 px per frame inside column 1.
+    y0 = 4 + 2 * t
+    moving[t, y0:y0 + 8, 8:16] = obj[4:12, 8:16]
+  clips = jnp.asarray(np.stack([rgb(frames), rgb(moving)]), jnp.float32)
+  f = np.asarray(flow.token_flow_features(clips, (2, 8, 8), cells_per_token=8,
+                                          cells_per_side=2))
+  assert f.shape == (2, 2, 16, 12)
+  cells = f.reshape(2, 2, 16, 2, 2, 3)  # (clip, time, token, cell row, cell col, dx/dy/change)
+  assert np.abs(cells[0]).max() < 0.05  # Static clip: no flow, no change.
+  moved = cells[1, :, [1, 5]]  # Tokens (row 0, col 1) and (row 1, col 1) the square crosses.
+  dy = moved[..., 1]
+  dx = moved[..., 0]
+  # Down by 2 px per frame: the strongest cells see it; on average the flow points down
+  # (edges parallel to the motion give some sideways flow, which cancels).
+  assert 1.0 < dy.max() < 2.8 and dy.min() > -0.4
+  assert dy.mean() > 0.08 and abs(dx.mean()) < 0.25 * dy.mean()
+  assert np.abs(cells[1, :, [3, 12, 14, 15], ..., :2]).max() < 0.16  # Far from the square.
+
+
+def test_token_flow_features_need_cells_dividing_the_flow_resolution():
+  with pytest.raises(ValueError, match="cells_per_side"):
+    flow.token_flow_features(jnp.zeros((1, 2, 16, 16, 3)), (2, 8, 8), cells_per_token=3,
+                             cells_per_side=2)

@@ -201,3 +201,17 @@ def test_lora_finetuning_freezes_the_base_and_keeps_no_state_for_it(setup):
   moments = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim > 0)
   # Adam keeps two moments for the heads and the adapters, none for the frozen encoder.
   assert moments == 2 * (trained + adapters), (moments, trained, adapters, encoder)
+
+
+def test_weight_decay_applies_to_weight_matrices_only():
+  from hvlm_jax.train.state import weight_decay_mask
+  params = {"block": {"attn": {"kernel": 1, "bias": 1}, "ln": {"scale": 1, "bias": 1},
+                      "lora": {"lora_a": 1, "lora_b": 1}, "mamba": {"A_log": 1, "D": 1,
+                                                                     "conv_kernel": 1}},
+            "time_position": 1, "embed": {"embedding": 1}, "pool": {"probe": 1}}
+  mask = weight_decay_mask(params)
+  assert mask["block"]["attn"] == {"kernel": True, "bias": False}
+  assert mask["block"]["lora"] == {"lora_a": True, "lora_b": True}
+  assert mask["block"]["mamba"] == {"A_log": False, "D": False, "conv_kernel": True}
+  assert not any([mask["time_position"], mask["embed"]["embedding"], mask["pool"]["probe"],
+                  mask["block"]["ln"]["scale"]])

@@ -15,6 +15,7 @@ motion or saliency from), or is skipped with `features_mode="off"`.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -26,7 +27,7 @@ from hvlm_jax.models.domain.lora import LoRASpec, lora_dense
 from hvlm_jax.models.layers import Dtype, layer_norm, partitioned
 from hvlm_jax.models.token_merging import MergingSpec
 from hvlm_jax.models.token_merging import merging as merging_lib
-from hvlm_jax.models.token_merging.flow import token_motion
+from hvlm_jax.models.token_merging.flow import token_flow_features, token_motion
 from hvlm_jax.models.token_merging.saliency import token_saliency
 
 # Names accepted by training.remat_policy.
@@ -85,6 +86,48 @@ class EncoderBlock(nn.Module):
                                           "activation_embed"))
 
 
+class ConvStem(nn.Module):
+  """Per-frame convolutional stem in place of the linear tubelet projection.
+
+  log2(p) 3x3 convolutions of stride 2 (each LayerNorm + GELU) take every frame to the
+  (H/p, W/p) patch grid, then the t frames of each tubelet are concatenated and projected to
+  the model width: "Early convolutions help transformers see better" (Xiao et al., 2021),
+  which trains faster and is less sensitive to the optimiser than a patchify stem, most of all
+  on small data. (B, T, H, W, C) -> (B, T/t, H/p, W/p, D). Channels double per stage up to
+  D/2 at the last one.
+  """
+  hidden_size: int
+  tubelet_size: tuple[int, int, int]
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    b, t, h, w, c = x.shape
+    tt, p, _ = self.tubelet_size
+    stages = int(round(math.log2(p)))
+    if 2 ** stages != p:
+      raise ValueError(f"The conv stem needs a power-of-two patch size; got "
+                       f"config.model.tubelet_size[1]={p}.")
+    y = x.reshape(b * t, h, w, c)
+    for i in range(stages):
+      width = max(self.hidden_size // 2 ** (stages - i), 8)
+      y = nn.Conv(width, (3, 3), strides=(2, 2), padding="SAME", name=f"conv_{i}",
+                  kernel_init=partitioned(nn.initializers.lecun_normal(),
+                                          ("conv_h", "conv_w", "channels", "stem")),
+                  bias_init=partitioned(nn.initializers.zeros, ("stem",)), **kw)(y)
+      y = nn.gelu(nn.LayerNorm(name=f"norm_{i}", scale_init=partitioned(
+          nn.initializers.ones, ("stem",)), bias_init=partitioned(
+              nn.initializers.zeros, ("stem",)), **kw)(y))
+    gh, gw, width = y.shape[1:]
+    y = y.reshape(b, t // tt, tt, gh, gw, width).transpose(0, 1, 3, 4, 2, 5)
+    y = y.reshape(b, t // tt, gh, gw, tt * width)
+    return nn.Dense(self.hidden_size, name="projection",
+                    kernel_init=partitioned(nn.initializers.lecun_normal(), ("stem", "embed")),
+                    bias_init=partitioned(nn.initializers.zeros, ("embed",)), **kw)(y)
+
+
 class VideoEncoder(nn.Module):
   """Clip -> tokens and per-time-step features.
 
@@ -117,6 +160,13 @@ class VideoEncoder(nn.Module):
   lora: LoRASpec | None = None
   remat_policy: str | None = None  # None: no rematerialisation.
   token_merging: MergingSpec | None = None  # None: no merging.
+  # Motion input streams added to the RGB tubelets (clip mode): "difference" (frame
+  # differences as 3 more input channels) and/or "flow" (per-token optical-flow descriptors,
+  # `token_flow_features`, through a linear embedding added to the tokens).
+  motion_input: tuple[str, ...] = ()
+  stem: str = "patch"  # "patch" (linear tubelet projection) or "conv" (ConvStem).
+  flow_options: tuple[tuple[str, Any], ...] = ()  # flow_pairs options of the "flow" stream.
+  flow_cells_per_token: int = 4
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -198,13 +248,33 @@ class VideoEncoder(nn.Module):
     if inputs.ndim != 5:
       raise ValueError(f"VideoEncoder expects a clip (B, T, H, W, C) or features (B, T, F); "
                        f"got shape {inputs.shape}.")
+    clip = inputs
     if jnp.issubdtype(inputs.dtype, jnp.integer):
       inputs = inputs.astype(self.dtype) / 255.0
     x = (inputs.astype(self.dtype) - 0.45) / 0.225
-    x = nn.Conv(self.hidden_size, self.tubelet_size, strides=self.tubelet_size,
-                padding="VALID", name="tubelet_embedding",
-                kernel_init=partitioned(nn.initializers.lecun_normal(),
-                                        ("conv_t", "conv_h", "conv_w", "channels", "embed")),
-                bias_init=partitioned(nn.initializers.zeros, ("embed",)), **kw)(x)
+    if "difference" in self.motion_input:  # Backward differences; the first frame's is 0.
+      diff = jnp.concatenate([jnp.zeros_like(x[:, :1]), x[:, 1:] - x[:, :-1]], axis=1)
+      x = jnp.concatenate([x, diff], axis=-1)
+    if self.stem == "conv":
+      x = ConvStem(self.hidden_size, self.tubelet_size, name="conv_stem", **kw)(x)
+    elif self.stem != "patch":
+      raise ValueError(f"config.model.stem={self.stem!r} is not 'patch' or 'conv'.")
+    else:
+      x = nn.Conv(self.hidden_size, self.tubelet_size, strides=self.tubelet_size,
+                  padding="VALID", name="tubelet_embedding",
+                  kernel_init=partitioned(nn.initializers.lecun_normal(),
+                                          ("conv_t", "conv_h", "conv_w", "channels", "embed")),
+                  bias_init=partitioned(nn.initializers.zeros, ("embed",)), **kw)(x)
     b, t, h, w, d = x.shape
-    return x.reshape(b, t, h * w, d), (t, h * w)
+    x = x.reshape(b, t, h * w, d)
+    if "flow" in self.motion_input:
+      flow = token_flow_features(clip, self.tubelet_size,
+                                 cells_per_token=self.flow_cells_per_token,
+                                 flow_options=dict(self.flow_options))
+      # lecun_normal: a token that visibly moves or changes (descriptor values of order 1)
+      # starts with an embedding as large as its RGB one.
+      x = x + lora_dense(d, "features", None, name="motion_embedding",
+                         kernel_axes=("features", "embed"),
+                         kernel_init=nn.initializers.lecun_normal(), **kw)(
+                             flow.astype(self.dtype))
+    return x, (t, h * w)

@@ -21,8 +21,10 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from hvlm_jax.models.domain import lora
 
-# Parameter names (last path element) that are not weight-decayed.
-_NO_DECAY = re.compile(r"^(bias|scale|.*position.*|.*embedding_table.*)$")
+# Parameter names (last path element) that are weight-decayed: weight matrices only (as in
+# big_vision's `.*/kernel$`). Biases, norm scales, position embeddings, word embeddings,
+# probes, learned tokens / memory slots, gates and Mamba's A_log and D are not.
+_DECAY = re.compile(r"^(kernel|conv_kernel|lora_a|lora_b)$")
 
 
 @struct.dataclass
@@ -46,9 +48,9 @@ def path_names(params) -> dict[tuple[str, ...], Any]:
 
 
 def weight_decay_mask(params):
-  """True where a parameter is decayed: kernels and matrices, not biases/norms/embeddings."""
+  """True where a parameter is decayed: weight matrices, not biases/norms/embeddings."""
   flat = path_names(params)
-  return unflatten_dict({k: not _NO_DECAY.match(k[-1]) for k in flat})
+  return unflatten_dict({k: bool(_DECAY.match(k[-1])) for k in flat})
 
 
 # training.finetune -> which parameters train (names of hvlm_jax.models.domain.lora modes).

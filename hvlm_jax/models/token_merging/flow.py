@@ -294,3 +294,55 @@ def token_motion(clip: jax.Array, tubelet: tuple[int, int, int], *, source: str 
   m = jax.lax.stop_gradient(m)
   floor = min_motion if source == "flow" else min_difference
   return m / jnp.maximum(m.max(axis=1, keepdims=True), floor)
+
+
+def token_flow_features(clip: jax.Array, tubelet: tuple[int, int, int], *,
+                        cells_per_token: int = 4, cells_per_side: int = 2,
+                        change_floor: float = 0.02,
+                        flow_options: dict | None = None) -> jax.Array:
+  """Per-token optical-flow descriptors: a motion input stream for the encoder.
+
+  The two-stream idea (Simonyan & Zisserman 2014) at token granularity: the flow of each
+  tubelet's frame pairs (as in `token_motion`), gated by visible change, is averaged over a
+  `cells_per_side`^2 sub-grid of the token's patch, so a token carries which way its content
+  moves (dx, dy per cell; a sub-grid also shows expansion and rotation), plus the mean
+  |frame difference| per cell (appearance change without displacement: fading, morphing).
+
+  Args:
+    clip: (B, T, H, W, C) uint8 or float in [0, 1].
+    tubelet: (t, p, q); the token grid is (T/t, H/p, W/q).
+    cells_per_token: flow resolution, as in `token_motion` (a multiple of cells_per_side).
+    cells_per_side: sub-grid per token side of the descriptor.
+    change_floor: as in `token_motion`.
+    flow_options: passed to `flow_pairs`.
+
+  Returns:
+    (B, T/t, H/p * W/q, 3 * cells_per_side^2) float32, no gradient: per cell dx and dy in
+    pixels of the input frame and the mean absolute grey-level change (x 10), so a visibly
+    moving or changing cell has values of order 1.
+  """
+  b, t, h, w, _ = clip.shape
+  tt, ph, pw = tubelet
+  gt, gh, gw = t // tt, h // ph, w // pw
+  c = cells_per_side
+  if cells_per_token % c:
+    raise ValueError(f"cells_per_token={cells_per_token} must be a multiple of "
+                     f"cells_per_side={c} (config.model.motion_input).")
+  prev, nxt = motion_pairs(t, tt)
+  pairs_per_step = len(prev) // gt
+  gray = to_gray(clip)
+  size = (gh * cells_per_token, gw * cells_per_token)
+  small = resize(gray, size) if size[0] < h else gray
+  scale = w / small.shape[-1]  # Flow in pixels of the input frame.
+  p, q = small[:, jnp.asarray(prev)], small[:, jnp.asarray(nxt)]
+  p, q = p.reshape(-1, *small.shape[-2:]), q.reshape(-1, *small.shape[-2:])
+  diff = jnp.abs(q - p)
+  gate = jnp.clip(gaussian_blur(diff, 1.0) / change_floor, 0.0, 1.0)
+  fl = flow_pairs(p, q, **(flow_options or {})) * (gate * scale)[..., None]
+  maps = jnp.concatenate([fl, 10.0 * diff[..., None]], axis=-1)  # (N, h', w', 3)
+  maps = jnp.moveaxis(maps, -1, 1)  # (N, 3, h', w')
+  cells = pool_to_grid(maps, (gh * c, gw * c))  # (N, 3, gh*c, gw*c)
+  cells = cells.reshape(b, gt, pairs_per_step, 3, gh, c, gw, c).mean(2)
+  # -> (B, T', gh, gw, c, c, 3): per token, its c x c cells' (dx, dy, change).
+  cells = cells.transpose(0, 1, 3, 5, 4, 6, 2).reshape(b, gt, gh * gw, c * c * 3)
+  return jax.lax.stop_gradient(cells)
