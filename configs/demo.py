@@ -18,10 +18,13 @@ def get_config(arg=None):
                            f"frames=16,frame_size=64,runlocal={args.runlocal}")
   data = config.data
   data.name = "synthetic"
-  data.dir = "data/synthetic"
+  data.dir = "data/synthetic_demo"
+  # 2000 training clips (generated in ~25 s): with the 400 of the default, the QA and
+  # classification heads memorise the training clips within 600 steps.
+  data.synthetic.num_videos = dict(training=2000, validation=50, test=100)
   data.batch_size = 16
   data.eval_batch_size = 16
-  data.memory_cache_mb = 512  # The decoded training set is ~240 MB: decode each video once.
+  data.memory_cache_mb = 1536  # The decoded training set is ~1.2 GB: decode each video once.
   data.augment.min_crop_scale = 0.8  # Larger crops would cut shapes off and change counts.
   data.video.min_window = 1.0  # Train on whole clips: every action stays in view.
 
@@ -31,15 +34,19 @@ def get_config(arg=None):
   model.num_attention_heads = 4
   model.mlp_dim = 256
   model.tubelet_size = (2, 8, 8)
+  # Two-stream input: RGB tubelets plus frame differences and per-token optical flow. Trained
+  # from scratch on 400 clips, an RGB-only encoder does not find which way things move.
+  model.motion_input = ("difference", "flow")
 
   tr = config.training
   tr.num_steps = 600
   tr.num_epochs = 0
-  tr.learning_rate = 1e-3
+  tr.learning_rate = 2e-3
   tr.warmup_steps = 50
   tr.log_every_steps = 20
   tr.eval_every_steps = 200
   tr.checkpoint_every_steps = 200
+  tr.loss_weights.action_detection = 1.0  # Detection is the demo's weakest task.
   if args.runlocal:
     tr.num_steps, tr.warmup_steps, tr.eval_every_steps = 10, 2, 10
     data.synthetic.num_videos = dict(training=16, validation=8, test=8)

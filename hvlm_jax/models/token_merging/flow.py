@@ -244,6 +244,26 @@ def pool_to_grid(maps: jax.Array, grid_hw: tuple[int, int]) -> jax.Array:
   return resize(maps, (gh, gw))
 
 
+def _gated_pair_flow(gray, prev, nxt, grid_hw, cells_per_token, change_floor, flow_options):
+  """Flow of the (prev, nxt) frame pairs of grey clips (B, T, H, W), computed on frames resized
+  to grid * cells_per_token per side, in input-frame pixels, gated by visible change.
+
+  LK keeps the coarse-level estimate where there is no texture, which smears an object's
+  motion over a flat background; flow counts fully where the locally blurred |nxt - prev|
+  reaches `change_floor`, proportionally below it. Returns flow (B * pairs, h', w', 2) and
+  |nxt - prev| (B * pairs, h', w') at that resolution.
+  """
+  w = gray.shape[-1]
+  size = (grid_hw[0] * cells_per_token, grid_hw[1] * cells_per_token)
+  small = resize(gray, size) if size[0] < gray.shape[-2] else gray
+  p, q = small[:, jnp.asarray(prev)], small[:, jnp.asarray(nxt)]
+  p, q = p.reshape(-1, *small.shape[-2:]), q.reshape(-1, *small.shape[-2:])
+  diff = jnp.abs(q - p)
+  gate = jnp.clip(gaussian_blur(diff, 1.0) / change_floor, 0.0, 1.0)
+  scale = w / small.shape[-1]
+  return flow_pairs(p, q, **(flow_options or {})) * (gate * scale)[..., None], diff
+
+
 def token_motion(clip: jax.Array, tubelet: tuple[int, int, int], *, source: str = "flow",
                  cells_per_token: int = 4, min_motion: float = 0.5,
                  min_difference: float = 0.05, change_floor: float = 0.02,
@@ -274,16 +294,9 @@ def token_motion(clip: jax.Array, tubelet: tuple[int, int, int], *, source: str 
   pairs_per_step = len(prev) // gt
   gray = to_gray(clip)  # (B, T, H, W)
   if source == "flow":
-    size = (gh * cells_per_token, gw * cells_per_token)
-    small = resize(gray, size) if size[0] < h else gray
-    scale = w / small.shape[-1]  # Flow back in input-frame pixels.
-    p, q = small[:, jnp.asarray(prev)], small[:, jnp.asarray(nxt)]
-    p, q = p.reshape(-1, *small.shape[-2:]), q.reshape(-1, *small.shape[-2:])
-    fl = flow_pairs(p, q, **(flow_options or {}))
-    # LK keeps the coarse-level estimate where there is no texture, which smears an object's
-    # motion over a flat background; count flow only where the frames visibly change.
-    change = jnp.clip(gaussian_blur(jnp.abs(q - p), 1.0) / change_floor, 0.0, 1.0)
-    mag = jnp.sqrt((fl ** 2).sum(-1) + 1e-12) * change * scale
+    fl, _ = _gated_pair_flow(gray, prev, nxt, (gh, gw), cells_per_token, change_floor,
+                             flow_options)
+    mag = jnp.sqrt((fl ** 2).sum(-1) + 1e-12)
   elif source == "frame_difference":
     mag = jnp.abs(gray[:, jnp.asarray(nxt)] - gray[:, jnp.asarray(prev)])
   else:
@@ -330,15 +343,8 @@ def token_flow_features(clip: jax.Array, tubelet: tuple[int, int, int], *,
                      f"cells_per_side={c} (config.model.motion_input).")
   prev, nxt = motion_pairs(t, tt)
   pairs_per_step = len(prev) // gt
-  gray = to_gray(clip)
-  size = (gh * cells_per_token, gw * cells_per_token)
-  small = resize(gray, size) if size[0] < h else gray
-  scale = w / small.shape[-1]  # Flow in pixels of the input frame.
-  p, q = small[:, jnp.asarray(prev)], small[:, jnp.asarray(nxt)]
-  p, q = p.reshape(-1, *small.shape[-2:]), q.reshape(-1, *small.shape[-2:])
-  diff = jnp.abs(q - p)
-  gate = jnp.clip(gaussian_blur(diff, 1.0) / change_floor, 0.0, 1.0)
-  fl = flow_pairs(p, q, **(flow_options or {})) * (gate * scale)[..., None]
+  fl, diff = _gated_pair_flow(to_gray(clip), prev, nxt, (gh, gw), cells_per_token,
+                              change_floor, flow_options)
   maps = jnp.concatenate([fl, 10.0 * diff[..., None]], axis=-1)  # (N, h', w', 3)
   maps = jnp.moveaxis(maps, -1, 1)  # (N, 3, h', w')
   cells = pool_to_grid(maps, (gh * c, gw * c))  # (N, 3, gh*c, gw*c)
