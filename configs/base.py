@@ -78,7 +78,8 @@ def get_config(arg=None):
   # under token_merging.flow). Two-stream style; the demo uses both.
   model.motion_input = ()
   # "patch": linear tubelet projection (ViViT); "conv": per-frame stride-2 3x3 convolutions to
-  # the patch grid, then the tubelet's frames projected (Xiao et al. 2021; see encoder.py).
+  # the patch grid, then the tubelet's frames projected (Xiao et al. 2021; see encoder.py);
+  # "hybrid": the sum of both.
   model.stem = "patch"
   model.dtype = "float32"  # Compute dtype; training.mixed_precision switches it to bfloat16.
   model.param_dtype = "float32"

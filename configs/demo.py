@@ -37,6 +37,9 @@ def get_config(arg=None):
   # Two-stream input: RGB tubelets plus frame differences and per-token optical flow. Trained
   # from scratch on 400 clips, an RGB-only encoder does not find which way things move.
   model.motion_input = ("difference", "flow")
+  # Patch and conv stems summed: the conv stem's local features help shapes and motion, the
+  # linear patch path keeps colours quick to learn (see README, "How the demo came to learn").
+  model.stem = "hybrid"
 
   tr = config.training
   tr.num_steps = 600
@@ -46,7 +49,8 @@ def get_config(arg=None):
   tr.log_every_steps = 20
   tr.eval_every_steps = 200
   tr.checkpoint_every_steps = 200
-  tr.loss_weights.action_detection = 1.0  # Detection is the demo's weakest task.
+  tr.loss_weights.action_detection = 1.0  # Detection and QA gain most from more weight.
+  tr.loss_weights.video_qa = 1.0
   if args.runlocal:
     tr.num_steps, tr.warmup_steps, tr.eval_every_steps = 10, 2, 10
     data.synthetic.num_videos = dict(training=16, validation=8, test=8)

@@ -94,10 +94,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"config.model.motion_input={motion!r} must list distinct streams out of "
         f"'difference' and 'flow'.")
   t, p, q = model.tubelet_size
-  if model.get("stem", "patch") not in ("patch", "conv"):
-    raise ConfigError(f"config.model.stem={model.stem!r} is not 'patch' or 'conv'.")
-  if model.get("stem", "patch") == "conv" and (p & (p - 1) or p < 2):
-    raise ConfigError(f"config.model.stem='conv' needs a power-of-two patch size; got "
+  stem = model.get("stem", "patch")
+  if stem not in ("patch", "conv", "hybrid"):
+    raise ConfigError(f"config.model.stem={stem!r} is not 'patch', 'conv' or 'hybrid'.")
+  if stem != "patch" and (p & (p - 1) or p < 2):
+    raise ConfigError(f"config.model.stem={stem!r} needs a power-of-two patch size; got "
                       f"config.model.tubelet_size[1]={p}.")
   if config.data.video.num_frames % t:
     raise ConfigError(

@@ -149,3 +149,26 @@ def test_conv_stem_is_per_frame_stride_two_convolutions_joined_per_tubelet(clip)
   assert not np.allclose(changed[:, 1], out[:, 1])
   boxes = jax.tree.leaves(v, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
   assert boxes and all(len(b.names) == b.value.ndim for b in boxes)
+
+
+def test_hybrid_stem_adds_the_patch_and_conv_embeddings(clip):
+  params = nn.meta.unbox(VideoEncoder(**SMALL, stem="hybrid").init(jax.random.key(1), clip))
+  params = params["params"]
+  zero = lambda tree: jax.tree.map(jnp.zeros_like, tree)
+  hybrid = lambda p: VideoEncoder(**SMALL, stem="hybrid").apply({"params": p}, clip)["tokens"]
+  # With the conv branch's output projection zeroed, hybrid = the patch stem alone, and with
+  # the tubelet projection zeroed, hybrid = the conv stem alone (same remaining parameters).
+  no_conv = dict(params, conv_stem=dict(params["conv_stem"],
+                                        projection=zero(params["conv_stem"]["projection"])))
+  patch_only = {k: v for k, v in params.items() if k != "conv_stem"}
+  np.testing.assert_allclose(
+      hybrid(no_conv), VideoEncoder(**SMALL).apply({"params": patch_only}, clip)["tokens"],
+      rtol=1e-5, atol=1e-5)
+  no_patch = dict(params, tubelet_embedding=zero(params["tubelet_embedding"]))
+  conv_only = {k: v for k, v in params.items() if k != "tubelet_embedding"}
+  np.testing.assert_allclose(
+      hybrid(no_patch),
+      VideoEncoder(**SMALL, stem="conv").apply({"params": conv_only}, clip)["tokens"],
+      rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="config.model.stem"):
+    VideoEncoder(**SMALL, stem="vit").init(jax.random.key(1), clip)

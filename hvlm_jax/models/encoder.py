@@ -30,6 +30,8 @@ from hvlm_jax.models.token_merging import merging as merging_lib
 from hvlm_jax.models.token_merging.flow import token_flow_features, token_motion
 from hvlm_jax.models.token_merging.saliency import token_saliency
 
+STEMS = ("patch", "conv", "hybrid")  # config.model.stem
+
 # Names accepted by training.remat_policy.
 REMAT_POLICIES = {
     "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
@@ -94,9 +96,10 @@ class ConvStem(nn.Module):
   the model width: "Early convolutions help transformers see better" (Xiao et al., 2021),
   which trains faster and is less sensitive to the optimiser than a patchify stem, most of all
   on small data. (B, T, H, W, C) -> (B, T/t, H/p, W/p, D). Channels double per stage up to
-  D/2 at the last one. On the demo (motion inputs on, 200 steps, validation split) it raised
-  action mAP@0.5 from 0.42 to 0.60 but lowered QA accuracy from 0.66 to 0.53 (without the
-  LayerNorms: 0.53 and 0.55), so configs/demo.py keeps the patch stem.
+  D/2 at the last one. On the demo data (motion inputs on, 200 steps, validation split) it
+  raised action mAP@0.5 from 0.42 to 0.60-0.62 but lowered QA accuracy (colour questions
+  most); `stem="hybrid"` (patch + conv, what configs/demo.py uses) answered best (QA 0.74
+  against 0.63 with the patch stem and 0.54 with the conv stem).
   """
   hidden_size: int
   tubelet_size: tuple[int, int, int]
@@ -166,7 +169,8 @@ class VideoEncoder(nn.Module):
   # differences as 3 more input channels) and/or "flow" (per-token optical-flow descriptors,
   # `token_flow_features`, through a linear embedding added to the tokens).
   motion_input: tuple[str, ...] = ()
-  stem: str = "patch"  # "patch" (linear tubelet projection) or "conv" (ConvStem).
+  # "patch" (linear tubelet projection), "conv" (ConvStem) or "hybrid" (the sum of both).
+  stem: str = "patch"
   flow_options: tuple[tuple[str, Any], ...] = ()  # flow_pairs options of the "flow" stream.
   flow_cells_per_token: int = 4
   dtype: Dtype = jnp.float32
@@ -257,16 +261,17 @@ class VideoEncoder(nn.Module):
     if "difference" in self.motion_input:  # Backward differences; the first frame's is 0.
       diff = jnp.concatenate([jnp.zeros_like(x[:, :1]), x[:, 1:] - x[:, :-1]], axis=1)
       x = jnp.concatenate([x, diff], axis=-1)
-    if self.stem == "conv":
-      x = ConvStem(self.hidden_size, self.tubelet_size, name="conv_stem", **kw)(x)
-    elif self.stem != "patch":
-      raise ValueError(f"config.model.stem={self.stem!r} is not 'patch' or 'conv'.")
-    else:
+    if self.stem not in STEMS:
+      raise ValueError(f"config.model.stem={self.stem!r} is not one of {', '.join(STEMS)}.")
+    pixels, x = x, 0.0
+    if self.stem in ("patch", "hybrid"):
       x = nn.Conv(self.hidden_size, self.tubelet_size, strides=self.tubelet_size,
                   padding="VALID", name="tubelet_embedding",
                   kernel_init=partitioned(nn.initializers.lecun_normal(),
                                           ("conv_t", "conv_h", "conv_w", "channels", "embed")),
-                  bias_init=partitioned(nn.initializers.zeros, ("embed",)), **kw)(x)
+                  bias_init=partitioned(nn.initializers.zeros, ("embed",)), **kw)(pixels)
+    if self.stem in ("conv", "hybrid"):
+      x = x + ConvStem(self.hidden_size, self.tubelet_size, name="conv_stem", **kw)(pixels)
     b, t, h, w, d = x.shape
     x = x.reshape(b, t, h * w, d)
     if "flow" in self.motion_input:
