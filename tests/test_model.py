@@ -184,3 +184,15 @@ def test_router_loss_is_supervised_or_load_balancing():
   balance = 4 * (0.5 * 0.45 + 0.5 * 0.35)  # Switch: E * sum_i f_i P_i
   assert float(total) == pytest.approx(w.classification * np.log(C) +
                                        w.router_balance * balance, rel=1e-5)
+
+
+def test_attention_dropout_rate_reaches_the_attention_or_is_refused():
+  config = base.get_config("runlocal=true")
+  config.model.attention_dropout_rate = 0.1
+  options = dict(model_lib.attention_options(config.model))
+  assert options["dropout_rate"] == 0.1
+  config.model.attention.type = "linear"
+  with pytest.raises(model_lib.ConfigError, match="attention_dropout_rate"):
+    model_lib.attention_options(config.model)
+  config.model.attention_dropout_rate = 0.0
+  assert "dropout_rate" not in dict(model_lib.attention_options(config.model))

@@ -27,6 +27,7 @@ Outputs of predict:
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -35,6 +36,7 @@ import ml_collections
 from flax import linen as nn
 
 from hvlm_jax.config import ConfigError
+from hvlm_jax.models import attention as attention_lib
 from hvlm_jax.models import heads as heads_lib
 from hvlm_jax.models.domain.experts import (ROUTING_MODES, DomainExperts, DomainRouter,
                                             router_losses, routing_weights)
@@ -63,11 +65,23 @@ def lora_spec(model_config) -> LoRASpec | None:
 
 
 def attention_options(model_config) -> tuple[tuple[str, Any], ...]:
-  """The options of the configured attention type, as a hashable tuple of items."""
+  """The options of the configured attention type, as a hashable tuple of items.
+
+  `model.attention_dropout_rate` > 0 becomes the type's `dropout_rate` (dropout on attention
+  probabilities); types without explicit probabilities (linear, performer, mamba) refuse it.
+  """
   att = model_config.attention
   options = dict(att.get(att.type, {}))
   if "causal" in att and att.causal:
     options["causal"] = True
+  rate = float(model_config.get("attention_dropout_rate", 0.0))
+  if rate > 0:
+    cls = attention_lib.REGISTRY[att.type]
+    if "dropout_rate" not in {f.name for f in dataclasses.fields(cls)}:
+      raise ConfigError(
+          f"config.model.attention_dropout_rate={rate} needs attention probabilities, which "
+          f"config.model.attention.type={att.type!r} does not form; set it to 0.")
+    options["dropout_rate"] = rate
   return tuple(sorted(options.items()))
 
 
