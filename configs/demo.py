@@ -54,4 +54,5 @@ def get_config(arg=None):
   if args.runlocal:
     tr.num_steps, tr.warmup_steps, tr.eval_every_steps = 10, 2, 10
     data.synthetic.num_videos = dict(training=16, validation=8, test=8)
+    data.dir = "data/synthetic_demo_runlocal"  # Its own dataset: settings differ.
   return config
