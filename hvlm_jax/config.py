@@ -76,7 +76,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   Raises:
     ConfigError: naming the offending key.
   """
-  from hvlm_jax.models import attention  # Local import: configs stay importable alone.
+  # Local imports: configs stay importable alone.
+  from hvlm_jax.models import attention
+  from hvlm_jax.models.encoder import MOTION_INPUTS, STEMS
 
   model = config.model
   if model.attention.type not in attention.REGISTRY:
@@ -88,15 +90,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"config.model.hidden_size={model.hidden_size} is not divisible by "
         f"config.model.num_attention_heads={model.num_attention_heads}.")
   motion = tuple(model.get("motion_input", ()))
-  unknown = [m for m in motion if m not in ("difference", "flow")]
-  if unknown or len(set(motion)) != len(motion):
+  if any(m not in MOTION_INPUTS for m in motion) or len(set(motion)) != len(motion):
     raise ConfigError(
         f"config.model.motion_input={motion!r} must list distinct streams out of "
-        f"'difference' and 'flow'.")
+        f"{', '.join(MOTION_INPUTS)}.")
   t, p, q = model.tubelet_size
   stem = model.get("stem", "patch")
-  if stem not in ("patch", "conv", "hybrid"):
-    raise ConfigError(f"config.model.stem={stem!r} is not 'patch', 'conv' or 'hybrid'.")
+  if stem not in STEMS:
+    raise ConfigError(f"config.model.stem={stem!r} is not one of {', '.join(STEMS)}.")
   if stem != "patch" and (p & (p - 1) or p < 2):
     raise ConfigError(f"config.model.stem={stem!r} needs a power-of-two patch size; got "
                       f"config.model.tubelet_size[1]={p}.")

@@ -31,6 +31,7 @@ from hvlm_jax.models.token_merging.flow import token_flow_features, token_motion
 from hvlm_jax.models.token_merging.saliency import token_saliency
 
 STEMS = ("patch", "conv", "hybrid")  # config.model.stem
+MOTION_INPUTS = ("difference", "flow")  # config.model.motion_input
 
 # Names accepted by training.remat_policy.
 REMAT_POLICIES = {
