@@ -51,7 +51,7 @@ def naive_targets(entry, vocabs, step_times):
   offsets = np.zeros((len(step_times), 2))
   for j, t in enumerate(step_times):
     covering = [(e - s, s, e, l) for s, e, l in entry.actions if s <= t < e]
-    for _, s, e, l in covering:
+    for _, _s, _e, l in covering:
       targets[j, vocabs.action_id(l)] = 1
     if covering:
       _, s, e, _ = min(covering)

@@ -152,8 +152,9 @@ def _naive_decode(logits, offsets, times, window, thr, top_k, min_score, duratio
   cands.sort(key=lambda x: -x[0])
   kept = []
   for sc, s, e, c in cands:
-    iou = lambda k: max(0, min(e, k[2]) - max(s, k[1])) / ((e - s) + (k[2] - k[1]) - max(  # noqa
-        0, min(e, k[2]) - max(s, k[1])))
+    def iou(k, s=s, e=e):
+      inter = max(0, min(e, k[2]) - max(s, k[1]))
+      return inter / ((e - s) + (k[2] - k[1]) - inter)
     if sc >= min_score and e > s and not any(k[3] == c and iou(k) > thr for k in kept):
       kept.append((sc, s, e, c))
   return [(s, e, c, sc) for sc, s, e, c in kept[:top_k]]

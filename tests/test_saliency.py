@@ -1,6 +1,5 @@
 """Saliency sources peak on the salient object; each against an independent reference
 (scipy Sobel, published Lab values, a numpy transcription of Hou & Zhang, a naive entropy loop)."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

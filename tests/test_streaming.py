@@ -51,7 +51,7 @@ def test_bank_never_exceeds_capacity_and_conserves_sizes():
   bank = streaming.empty_bank(b, c, d)
   update = jax.jit(streaming.update_bank, static_argnums=2)
   total = np.zeros(b)
-  for s in range(12):
+  for _ in range(12):
     sizes = rng.integers(1, 5, (b, k)).astype(np.float32)
     mask = rng.random((b, k)) > 0.25
     valid = rng.random(b) > 0.2

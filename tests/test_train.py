@@ -5,7 +5,6 @@ import logging
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn

@@ -14,7 +14,6 @@ from typing import Any
 
 import flax
 import jax
-import jax.numpy as jnp
 import optax
 from flax import struct
 from flax.traverse_util import flatten_dict, unflatten_dict
