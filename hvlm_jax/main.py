@@ -30,7 +30,7 @@ def _user_errors():
   from hvlm_jax.config import ConfigError
   from hvlm_jax.data import AnnotationError, VideoError
   from hvlm_jax.data.synthetic import DatasetError
-  from hvlm_jax.train.checkpoint import CheckpointMismatchError, CheckpointNotFoundError
+  from hvlm_jax.checkpoint import CheckpointMismatchError, CheckpointNotFoundError
   from hvlm_jax.train.trainer import TrainingError
   return (ConfigError, AnnotationError, VideoError, DatasetError, FileNotFoundError,
           CheckpointNotFoundError, CheckpointMismatchError, TrainingError)

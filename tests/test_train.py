@@ -12,8 +12,9 @@ from jax.sharding import PartitionSpec as P
 
 from hvlm_jax import config as config_lib
 from hvlm_jax import data as data_lib
-from hvlm_jax.train import sharding, trainer
-from hvlm_jax.train.checkpoint import Checkpointer
+from hvlm_jax import sharding
+from hvlm_jax.train import trainer
+from hvlm_jax.checkpoint import Checkpointer
 from hvlm_jax.train.metric_writer import read_scalars
 import data_testutil
 

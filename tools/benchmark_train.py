@@ -50,7 +50,8 @@ from ml_collections import config_flags  # noqa: E402
 
 from hvlm_jax import config as config_lib  # noqa: E402
 from hvlm_jax import data as data_lib  # noqa: E402
-from hvlm_jax.train import sharding, trainer  # noqa: E402
+from hvlm_jax import sharding
+from hvlm_jax.train import trainer  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Training config.")
 _OUT = flags.DEFINE_string("out", "benchmarks/train", "Output directory.")

@@ -23,7 +23,7 @@ from hvlm_jax.eval import metrics as metrics_lib
 from hvlm_jax.eval import report as report_lib
 from hvlm_jax.models import model as model_lib
 from hvlm_jax.models.heads.detection import detections_as_lists
-from hvlm_jax.train import sharding
+from hvlm_jax import sharding
 
 
 def _mask_invalid(batch: dict) -> dict:
@@ -208,7 +208,7 @@ def evaluate_checkpoint(config, workdir: str, *, step="latest", split: str = "te
   from hvlm_jax import data as data_lib
   from hvlm_jax.train import trainer
   from hvlm_jax.models import streaming
-  from hvlm_jax.train.checkpoint import (CheckpointMismatchError, Checkpointer,
+  from hvlm_jax.checkpoint import (CheckpointMismatchError, Checkpointer,
                                          abstract_with_shardings)
 
   workdir = os.path.abspath(workdir)

@@ -1,6 +1,6 @@
 """Small building blocks shared by every model file.
 
-Every parameter carries logical axis names (see `hvlm_jax.train.sharding.LOGICAL_RULES`):
+Every parameter carries logical axis names (see `hvlm_jax.sharding.LOGICAL_RULES`):
   embed      model width                 mlp       MLP hidden width
   joined_kv  heads x head_dim projection  vocab     vocabulary / classes
   time, space  position-embedding tables  norm      layer-norm scale/bias

@@ -28,8 +28,9 @@ from hvlm_jax.models import model as model_lib
 from hvlm_jax.models import streaming
 from hvlm_jax.data import segments as segments_lib
 from hvlm_jax.models.domain import lora
-from hvlm_jax.train import sharding, state as state_lib
-from hvlm_jax.train.checkpoint import Checkpointer, abstract_with_shardings
+from hvlm_jax import sharding
+from hvlm_jax.train import state as state_lib
+from hvlm_jax.checkpoint import Checkpointer, abstract_with_shardings
 from hvlm_jax.train.metric_writer import MetricWriter
 
 
