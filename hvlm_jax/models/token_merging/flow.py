@@ -16,6 +16,7 @@ The image filters used here (Gaussian blur, derivatives, resizing) are shared by
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -150,25 +151,60 @@ def _upsample_matrix(n_fine: int, n_coarse: int) -> np.ndarray:
   return m
 
 
-def _lucas_kanade_step(prev, nxt, flow, window_sigma, damping):
-  """One warped LK update at one level. prev, nxt: (N, H, W); flow: (N, H, W, 2)."""
+def _sample_inside(flow: jax.Array) -> jax.Array:
+  """(N, H, W, 2) flow -> (N, H, W) float32: 1 where p + flow(p) lies inside the frame."""
+  h, w = flow.shape[1:3]
+  ys, xs = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32),
+                        indexing="ij")
+  x, y = xs + flow[..., 0], ys + flow[..., 1]
+  return ((x >= 0) & (x <= w - 1) & (y >= 0) & (y <= h - 1)).astype(jnp.float32)
+
+
+def _normalized_blur(values: jax.Array, weight: jax.Array, sigma: float):
+  """Normalised convolution (Knutsson & Westin 1993): the `weight`-weighted Gaussian mean.
+
+  values (N, H, W, K), weight (N, H, W) -> (mean (N, H, W, K), mass (N, H, W)).
+  """
+  stacked = jnp.concatenate([values * weight[..., None], weight[..., None]], -1)
+  blurred = jnp.moveaxis(gaussian_blur(jnp.moveaxis(stacked, -1, 1), sigma), 1, -1)
+  mass = blurred[..., -1]
+  return blurred[..., :-1] / jnp.maximum(mass, 1e-6)[..., None], mass
+
+
+def _lucas_kanade_step(prev, nxt, flow, window_sigma, damping, smooth_sigma):
+  """One warped LK update at one level. prev, nxt: (N, H, W); flow: (N, H, W, 2).
+
+  A pixel enters the LK sums only where its match p + flow(p) lies inside the frame (clamped
+  sampling would compare it with replicated border pixels); the sums are normalised by the
+  valid mass of the window. The updated flow is then regularised by a normalised
+  convolution over the valid pixels (std `smooth_sigma`), which also extrapolates flow to the
+  pixels whose match left the frame.
+  """
+  valid = _sample_inside(flow)
   warped = warp(nxt, flow)
   gx, gy = derivatives(0.5 * (prev + warped))  # Symmetric gradients: second-order accurate.
   it = warped - prev
-  terms = jnp.stack([gx * gx, gx * gy, gy * gy, gx * it, gy * it], axis=1)
-  sxx, sxy, syy, sxt, syt = jnp.moveaxis(gaussian_blur(terms, window_sigma), 1, 0)
-  # Damping is relative to the local gradient energy scale of the whole pair, so the
+  terms = jnp.stack([gx * gx, gx * gy, gy * gy, gx * it, gy * it], axis=-1)
+  sums, mass = _normalized_blur(terms, valid, window_sigma)
+  sxx, sxy, syy, sxt, syt = jnp.moveaxis(sums, -1, 0)
+  # Damping is relative to the mean gradient energy of the pair's valid pixels, so the
   # estimate does not depend on image contrast.
-  lam = damping * jnp.mean(sxx + syy, axis=(1, 2), keepdims=True) + 1e-12
+  energy = (valid * (gx * gx + gy * gy)).sum((1, 2)) / jnp.maximum(valid.sum((1, 2)), 1.0)
+  lam = damping * energy[:, None, None] + 1e-12
   a, b, c = sxx + lam, sxy, syy + lam
   det = a * c - b * b
   du = (-c * sxt + b * syt) / det
   dv = (b * sxt - a * syt) / det
-  return flow + jnp.stack([du, dv], axis=-1)
+  flow = flow + jnp.stack([du, dv], axis=-1) * (mass > 1e-3)[..., None]
+  if smooth_sigma <= 0:
+    return flow
+  smooth, near = _normalized_blur(flow, valid, smooth_sigma)
+  return jnp.where((near > 1e-4)[..., None], smooth, flow)
 
 
 def flow_pairs(prev: jax.Array, nxt: jax.Array, *, levels: int = 3, iterations: int = 5,
-               window_sigma: float = 2.0, damping: float = 0.02) -> jax.Array:
+               window_sigma: float = 2.0, damping: float = 0.02, smooth_sigma: float = 4.0,
+               presmooth: float = 0.0) -> jax.Array:
   """Flow from each `prev` image to its `nxt` image.
 
   Args:
@@ -178,14 +214,27 @@ def flow_pairs(prev: jax.Array, nxt: jax.Array, *, levels: int = 3, iterations: 
     iterations: warped LK updates per level.
     window_sigma: std (pixels, at every level) of the Gaussian window of the LK system.
     damping: Tikhonov weight, relative to the mean gradient energy of the pair.
+    smooth_sigma: std (pixels, at every level) of the normalised convolution applied to the
+      flow after each update: the regulariser that keeps sensor noise out of the flow (dense
+      warped LK alone converges towards a per-pixel solution) and the extrapolation into
+      regions whose content left the frame. 0 turns both off. Chosen by
+      tools/benchmark_flow.py (benchmarks/flow/results.json).
+    presmooth: std (pixels) of a Gaussian blur of both images before the pyramid (0: none).
+      It did not lower the error at 1-2% noise in that benchmark and blurs borders; it is
+      there for footage with strong compression artefacts.
 
   Returns:
     (N, H, W, 2) float32 (dx, dy) with nxt(p + flow(p)) ~= prev(p).
   """
-  pyramid = [(prev.astype(jnp.float32), nxt.astype(jnp.float32))]
+  prev, nxt = prev.astype(jnp.float32), nxt.astype(jnp.float32)
+  if presmooth > 0:
+    prev, nxt = gaussian_blur(prev, presmooth), gaussian_blur(nxt, presmooth)
+  pyramid = [(prev, nxt)]
   for _ in range(levels - 1):
     p, q = pyramid[-1]
     pyramid.append((_downsample(p), _downsample(q)))
+  step = functools.partial(_lucas_kanade_step, window_sigma=window_sigma, damping=damping,
+                           smooth_sigma=smooth_sigma)
   flow = None
   for p, q in reversed(pyramid):
     h, w = p.shape[-2:]
@@ -197,9 +246,7 @@ def flow_pairs(prev: jax.Array, nxt: jax.Array, *, levels: int = 3, iterations: 
       flow = 2.0 * jnp.einsum("ij,nhjc->nhic", _upsample_matrix(w, flow.shape[2]), flow,
                               precision=hi)
     # A loop rather than unrolled steps keeps the compiled program small.
-    flow = jax.lax.fori_loop(
-        0, iterations,
-        lambda _, f, p=p, q=q: _lucas_kanade_step(p, q, f, window_sigma, damping), flow)
+    flow = jax.lax.fori_loop(0, iterations, lambda _, f, p=p, q=q: step(p, q, f), flow)
   return flow
 
 
