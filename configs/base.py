@@ -15,11 +15,16 @@ def get_config(arg=None):
   args = parse_arg(arg, **ARGS)
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.init_from = ""  # Path to a checkpoint step dir to initialise parameters from.
+  # Parameters to start from: another run ("WORKDIR" or "WORKDIR:STEP"; tensors whose path and
+  # shape match) or a Hugging Face checkpoint directory ("hf:/path/to/dir").
+  config.init_from = ""
+  # Persistent compilation cache: "default" ($HVLM_COMPILATION_CACHE, else
+  # ~/.cache/hvlm_jax/jax), a directory, or "off". A rerun then skips compilation.
+  config.compilation_cache = "default"
 
   # ----- data ---------------------------------------------------------------------------
   config.data = data = ml_collections.ConfigDict()
-  data.name = "folder"  # "folder": DATA layout of DESIGN.md; "synthetic": generated on first use.
+  data.name = "folder"  # "folder": DATA layout of the README; "synthetic": generated on first use.
   data.dir = "data/videos"
   data.input = "video"  # "video" (mp4 decode), "cache" (ArrayRecord clips), "features" (.npy).
   data.cache_dir = ""  # Where tools/build_dataset.py wrote the ArrayRecord cache.
@@ -88,18 +93,20 @@ def get_config(arg=None):
   attention.type = args.attention
   attention.causal = False
   attention.full = ml_collections.ConfigDict(dict(implementation="xla"))
-  # One block per type: its constructor options (plus `causal` above). Tokens are time-major
-  # with P = (frame_size / patch)^2 per frame (196 at 224 px and 16 px patches): stride,
-  # window, tokens_per_frame and pool_size default to 196 so patterns align with frames; any
-  # token count works (sequences are padded internally and the padding masked).
-  attention.strided = ml_collections.ConfigDict(dict(stride=196, local=True))
+  # One block per type: its constructor options (plus `causal` above). Tokens are time-major,
+  # P per frame (P = (frame_size / patch)^2, 196 at 224 px and 16 px patches). Options that
+  # count tokens of a frame take 0 (or "frame") for "one frame of the token grid the block
+  # sees", resolved when the model is built, so patterns stay frame-aligned at any resolution,
+  # patch size and merging ratio; "frame/k" is a k-th of a frame; an explicit count is kept
+  # (a misaligned one is warned about). Any token count works (padding is masked).
+  attention.strided = ml_collections.ConfigDict(dict(stride=0, local=True))
   attention.local_global = ml_collections.ConfigDict(dict(
-      window=196, global_tokens="frame",  # "frame", "learned" or "none".
+      window=0, global_tokens="frame",  # "frame", "learned" or "none".
       num_global=1,  # Per frame ("frame") or in total ("learned").
-      tokens_per_frame=196, query_chunk=1024))  # Queries per remat step (bounds memory).
+      tokens_per_frame=0, query_chunk=1024))  # Queries per remat step (bounds memory).
   attention.cross_memory = ml_collections.ConfigDict(dict(
       memory_source="pooled",  # Encoder use (no memory given): "pooled" tokens or "learned".
-      pool_size=196, capacity=16,  # Tokens per pooled entry; entries kept (MA-LMM merging).
+      pool_size=0, capacity=16,  # Tokens per pooled entry; entries kept (MA-LMM merging).
       num_slots=16))  # Entries of the "learned" memory.
   attention.performer = ml_collections.ConfigDict(dict(
       num_features=256, redraw=True, feature_seed=0, eps=1e-6,
@@ -110,7 +117,7 @@ def get_config(arg=None):
       bidirectional=True, scan_method="chunked",  # "chunked", "scan" or "associative".
       chunk_size=128))
   attention.hierarchical = ml_collections.ConfigDict(dict(
-      window=196, pool_sizes=(98,),  # Coarse levels, e.g. (4, 196); see hierarchical.py.
+      window=0, pool_sizes=("frame/4",),  # Coarse levels, e.g. (4, "frame"); hierarchical.py.
       query_chunk=1024))
 
   model.token_merging = tm = ml_collections.ConfigDict()

@@ -20,44 +20,11 @@ from __future__ import annotations
 
 import ml_collections
 
-from hvlm_jax.config import ConfigError, import_sibling, parse_arg
+from hvlm_jax.config import ConfigError, apply_overrides, import_sibling, parse_arg
 
 demo = import_sibling(__file__, "../configs/demo.py")
 
 ARGS = dict(variant="", steps=150, layers=2, batch_size=16)
-
-
-def frame_aligned_attention(config) -> ml_collections.ConfigDict:
-  """Sets the attention options that count tokens per frame to this config's P.
-
-  configs/base.py aligns strides, windows and pools to 196 tokens per frame (224 px, 16 px
-  patches); the demo has P = (64 / 8)^2 = 64, where those patterns would straddle frames.
-  Window/stride/pool = P makes local attention exactly frame-local, as in the base config.
-  """
-  p = (config.data.video.frame_size // config.model.tubelet_size[1]) ** 2
-  att = config.model.attention
-  att.strided.stride = p
-  att.local_global.window = att.local_global.tokens_per_frame = p
-  att.cross_memory.pool_size = p
-  att.hierarchical.window = p
-  att.hierarchical.pool_sizes = (max(p // 4, 1),)  # A quarter frame, as 49 of 196.
-  return config
-
-
-def apply_overrides(config, overrides: dict) -> ml_collections.ConfigDict:
-  """Sets dotted keys (`model.attention.type`) in place; an unknown key is an error."""
-  for dotted, value in overrides.items():
-    *parents, leaf = dotted.split(".")
-    node = config
-    for name in parents:
-      if name not in node:
-        raise ConfigError(f"Experiment override {dotted!r}: config has no key {name!r}.")
-      node = node[name]
-    if leaf not in node:
-      raise ConfigError(f"Experiment override {dotted!r}: config has no key {leaf!r}.")
-    with node.ignore_type():  # Tuples vs lists and int vs float are the same to the reader.
-      node[leaf] = value
-  return config
 
 
 def study_config(arg, variants: dict, **extra_args) -> ml_collections.ConfigDict:
@@ -75,7 +42,7 @@ def study_config(arg, variants: dict, **extra_args) -> ml_collections.ConfigDict
   name = args.variant or next(iter(variants))
   if name not in variants:
     raise ConfigError(f"Unknown variant {name!r}; this study has: {', '.join(variants)}.")
-  config = frame_aligned_attention(demo.get_config())
+  config = demo.get_config()
   config.model.num_layers = args.layers
   config.data.batch_size = config.data.eval_batch_size = args.batch_size
   tr = config.training

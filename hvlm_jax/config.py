@@ -2,9 +2,13 @@
 
 Config files follow big_vision's convention: `get_config(arg=None)`, where `arg` is the
 text after `:` in `--config=configs/demo.py:attention=performer,frames=32`. Overrides on
-the command line (`--config.model.hidden_size=128`) are applied by ml_collections and fail
-on unknown keys or wrong types by themselves; `parse_arg` and `validate` give the same
-guarantee for `:key=value` arguments and for values that only make sense together.
+the command line (`--config.model.hidden_size=128`) are applied by ml_collections (train) or
+`apply_overrides` (evaluate, predict: on top of the run's config.json) and fail on unknown
+keys or wrong types naming the key; `parse_arg` does the same for `:key=value` arguments.
+
+This module is the leaf of the package (config files import it; it imports nothing of
+hvlm_jax). Values that only make sense together are checked by each component and
+gathered by `hvlm_jax.run.validate` (see docs/design.md).
 """
 from __future__ import annotations
 
@@ -70,49 +74,52 @@ def _coerce(key: str, text: str, default: Any) -> Any:
   return value
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Checks values that ml_collections' type checks cannot see.
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any],
+                    *, source: str = "override") -> ml_collections.ConfigDict:
+  """Sets dotted keys (`model.attention.type`) of `config` in place and returns it.
 
-  Raises:
-    ConfigError: naming the offending key.
+  A value given as text (from the command line) is parsed as the existing value's type;
+  other values are set as they are (tuples vs lists and int vs float are the same to the
+  reader). An unknown key is a ConfigError naming it and `source`.
   """
-  # Local imports: configs stay importable alone.
-  from hvlm_jax.models import attention
-  from hvlm_jax.models.encoder import MOTION_INPUTS, STEMS
+  for dotted, value in overrides.items():
+    *parents, leaf = dotted.split(".")
+    node = config
+    for name in parents:
+      if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+        raise ConfigError(f"{source} {dotted!r}: the config has no key {name!r}.")
+      node = node[name]
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+      raise ConfigError(f"{source} {dotted!r}: the config has no key {leaf!r}.")
+    if isinstance(value, str) and not isinstance(node[leaf], str):
+      value = _coerce(dotted, value, node[leaf]) if node[leaf] is not None else value
+    with node.ignore_type():
+      node[leaf] = tuple(value) if isinstance(value, list) else value
+  return config
 
-  model = config.model
-  if model.attention.type not in attention.REGISTRY:
-    raise ConfigError(
-        f"config.model.attention.type={model.attention.type!r} is not one of "
-        f"{', '.join(sorted(attention.REGISTRY))}.")
-  if model.hidden_size % model.num_attention_heads:
-    raise ConfigError(
-        f"config.model.hidden_size={model.hidden_size} is not divisible by "
-        f"config.model.num_attention_heads={model.num_attention_heads}.")
-  motion = tuple(model.get("motion_input", ()))
-  if any(m not in MOTION_INPUTS for m in motion) or len(set(motion)) != len(motion):
-    raise ConfigError(
-        f"config.model.motion_input={motion!r} must list distinct streams out of "
-        f"{', '.join(MOTION_INPUTS)}.")
-  t, p, q = model.tubelet_size
-  stem = model.get("stem", "patch")
-  if stem not in STEMS:
-    raise ConfigError(f"config.model.stem={stem!r} is not one of {', '.join(STEMS)}.")
-  if stem != "patch" and (p & (p - 1) or p < 2):
-    raise ConfigError(f"config.model.stem={stem!r} needs a power-of-two patch size; got "
-                      f"config.model.tubelet_size[1]={p}.")
-  if config.data.video.num_frames % t:
-    raise ConfigError(
-        f"config.data.video.num_frames={config.data.video.num_frames} is not divisible by "
-        f"the temporal tubelet size config.model.tubelet_size[0]={t}.")
-  if config.data.video.frame_size % p or p != q:
-    raise ConfigError(
-        f"config.data.video.frame_size={config.data.video.frame_size} must be divisible by "
-        f"a square spatial tubelet config.model.tubelet_size[1:]=({p}, {q}).")
-  if config.training.num_steps <= 0 and config.training.num_epochs <= 0:
-    raise ConfigError("Set config.training.num_steps or config.training.num_epochs above 0.")
-  if config.training.mixed_precision not in (True, False):
-    raise ConfigError("config.training.mixed_precision must be true or false.")
+
+def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+  """Separates `--config.a.b=value` arguments from the rest of a command line.
+
+  Returns (the other arguments, {"a.b": "value"}) in command-line order.
+  """
+  rest, overrides = [], {}
+  for arg in argv:
+    if arg.startswith("--config.") and "=" in arg:
+      key, _, value = arg[len("--config."):].partition("=")
+      overrides[key] = value
+    else:
+      rest.append(arg)
+  return rest, overrides
+
+
+def overridden_keys(argv: list[str]) -> set[str]:
+  """Dotted keys a command line sets with `--config.a.b=value` (or `--config.a.b value`)."""
+  keys = set()
+  for arg in argv:
+    if arg.startswith("--config."):
+      keys.add(arg[len("--config."):].partition("=")[0])
+  return keys
 
 
 def import_sibling(this_file: str, filename: str):

@@ -1,4 +1,4 @@
-"""`python -m hvlm_jax.evaluate --config=... --workdir=... [--step=latest|best|N] [--split=test]`."""
+"""`python -m hvlm_jax.evaluate --workdir=RUN [--step=latest|best|N] [--split=test] [--config.a.b=v]`."""
 from hvlm_jax.main import run_main
 
 if __name__ == "__main__":

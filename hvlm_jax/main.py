@@ -1,8 +1,12 @@
 """Command-line entry points. Flags only; the work is in train/trainer.py and eval/evaluate.py.
 
+    python -m hvlm_jax.train --config=configs/demo.py --workdir=runs/demo [--config.a.b=v ...]
+    python -m hvlm_jax.evaluate --workdir=runs/demo [--split=test] [--step=latest|best|N]
+        [--config.a.b=v ...]   # overrides on top of the run's own WORKDIR/config.json
+
 A mistake a user can make (a wrong config key, a missing data folder, a malformed annotation,
 a missing checkpoint) ends the program with one line naming the file, entry or key, and exit
-status 2; unexpected errors keep their traceback.
+status 2; unexpected errors keep their traceback. `--help` lists the command's own flags.
 """
 from __future__ import annotations
 
@@ -13,24 +17,41 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (`path.py[:args]`).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, results).")
-_STEP = flags.DEFINE_string("step", "latest", "evaluate: checkpoint step, 'latest' or 'best'.")
-_SPLIT = flags.DEFINE_string("split", "test", "evaluate: split to score.")
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "Multi-host: host:port of process 0. On TPU pods and SLURM "
-    "leave it unset and pass --multihost; JAX finds the cluster itself.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: process count.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
-_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize().")
+FLAGS = flags.FLAGS
+
+
+def _define_common_flags():
+  flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, results).")
+  flags.DEFINE_string(
+      "coordinator_address", None, "Multi-host: host:port of process 0. On TPU pods and SLURM "
+      "leave it unset and pass --multihost; JAX finds the cluster itself.")
+  flags.DEFINE_integer("num_processes", None, "Multi-host: process count.")
+  flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+  flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize().")
+  return ["workdir", "coordinator_address", "num_processes", "process_id", "multihost"]
+
+
+def _define_flags(command: str) -> list[str]:
+  """Defines `command`'s flags; returns their names (the key flags its --help lists)."""
+  names = _define_common_flags()
+  if command == "train":
+    config_flags.DEFINE_config_file(
+        "config", None, "Config file (`path.py[:key=value,...]`); any key can be overridden "
+        "with --config.a.b=value.", lock_config=True)
+    return ["config"] + names
+  flags.DEFINE_string("config", None, "Not needed: the run's WORKDIR/config.json is used. "
+                      "Override a key of it with --config.a.b=value (e.g. --config.data.dir).")
+  flags.DEFINE_string("step", "latest", "Checkpoint step: 'latest', 'best' or a number.")
+  flags.DEFINE_string("split", "test", "Split to score (training, validation or test).")
+  return ["config", "step", "split"] + names
+
 
 # Errors that are the user's to fix: print their message, not a traceback.
 def _user_errors():
+  from hvlm_jax.checkpoint import CheckpointMismatchError, CheckpointNotFoundError
   from hvlm_jax.config import ConfigError
   from hvlm_jax.data import AnnotationError, VideoError
   from hvlm_jax.data.synthetic import DatasetError
-  from hvlm_jax.checkpoint import CheckpointMismatchError, CheckpointNotFoundError
   from hvlm_jax.train.trainer import TrainingError
   return (ConfigError, AnnotationError, VideoError, DatasetError, FileNotFoundError,
           CheckpointNotFoundError, CheckpointMismatchError, TrainingError)
@@ -43,20 +64,22 @@ def _quiet_libraries(record: logging.LogRecord) -> bool:
 
 def _initialize_distributed():
   import jax
-  if _COORDINATOR.value or _MULTIHOST.value:
+  if FLAGS.coordinator_address or FLAGS.multihost:
     if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS") == "cpu":
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes,
+                               process_id=FLAGS.process_id)
 
 
-def _main(command: str):
+def _main(command: str, overrides: dict[str, str]):
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None or not _WORKDIR.value:
-      raise app.UsageError("Both --config and --workdir are required.")
+    if not FLAGS.workdir:
+      raise app.UsageError("--workdir is required.")
+    if command == "train" and FLAGS.config is None:
+      raise app.UsageError("--config is required.")
     logging.getLogger().setLevel(logging.INFO)
     for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
       handler.addFilter(_quiet_libraries)
@@ -64,11 +87,15 @@ def _main(command: str):
     try:
       if command == "train":
         from hvlm_jax.train.trainer import train_and_evaluate
-        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        train_and_evaluate(FLAGS.config, FLAGS.workdir)
       else:
+        if FLAGS.config:
+          logging.warning("--config=%s is not used: %s reads the run's own "
+                          "WORKDIR/config.json; override keys with --config.a.b=value.",
+                          FLAGS.config, command)
         from hvlm_jax.eval.evaluate import evaluate_checkpoint
-        evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, step=_STEP.value,
-                            split=_SPLIT.value)
+        evaluate_checkpoint(FLAGS.workdir, step=FLAGS.step, split=FLAGS.split,
+                            overrides=overrides)
     except _user_errors() as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
@@ -100,14 +127,22 @@ def _fail(message: str):
 
 
 def run_main(command: str):
-  _check_config_args(sys.argv)
+  """Entry point of `python -m hvlm_jax.train` (command "train") and `hvlm_jax.evaluate`."""
+  from hvlm_jax.config import split_overrides
+  for name in _define_flags(command):
+    FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
+  overrides = {}
+  if command == "train":
+    _check_config_args(sys.argv)
+  else:  # Overrides apply to the run's config.json, not to a config file: parse them here.
+    sys.argv, overrides = split_overrides(sys.argv)
   try:
-    app.run(_main(command))
+    app.run(_main(command, overrides))
   except (KeyError, AttributeError) as e:
     # ml_collections raises these while absl parses a --config.a.b override naming no key.
-    overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
-    if not overrides:
+    given = [a for a in sys.argv[1:] if a.startswith("--config.")]
+    if not given:
       raise
     hint = str(e).strip("'\"").replace("\\n", " ").replace("\n", " ")
     _fail(f"A --config override names an unknown key ({hint}); overrides given: "
-          f"{' '.join(overrides)}.")
+          f"{' '.join(given)}.")

@@ -17,6 +17,8 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from hvlm_jax.config import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical name -> mesh axis (or tuple of axes, or None = replicated). Names absent from the
@@ -40,29 +42,47 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 BATCH_AXES = ("data", "fsdp")
 
 
-def make_mesh(mesh_config, devices=None) -> Mesh:
-  """A (data, fsdp, tensor) mesh; one size in `mesh_config` may be -1 (all remaining devices).
+def mesh_sizes(mesh_config, num_devices: int) -> dict[str, int]:
+  """{data, fsdp, tensor} sizes of `config.mesh` on `num_devices` devices (one -1 = the rest).
 
   Raises:
-    ValueError: naming config.mesh when the sizes do not multiply to the device count.
+    ConfigError: naming config.mesh when the sizes are not positive or do not multiply to
+      the device count.
   """
-  devices = jax.devices() if devices is None else devices
-  sizes = [int(mesh_config[name]) for name in MESH_AXES]
-  n = len(devices)
+  try:
+    sizes = [int(mesh_config[name]) for name in MESH_AXES]
+  except (KeyError, TypeError, ValueError):
+    raise ConfigError(f"config.mesh={dict(mesh_config)} must give an integer size for each of "
+                      f"{', '.join(MESH_AXES)}.") from None
+  shown = dict(zip(MESH_AXES, sizes))
   if sizes.count(-1) > 1:
-    raise ValueError(f"At most one of config.mesh.{{data,fsdp,tensor}} may be -1, got {sizes}.")
+    raise ConfigError(f"config.mesh={shown}: at most one of data, fsdp, tensor may be -1.")
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ConfigError(f"config.mesh={shown}: sizes must be >= 1 (or one -1).")
   if -1 in sizes:
     known = math.prod(s for s in sizes if s != -1)
-    if n % known:
-      raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))} does not divide the "
-                       f"{n} available devices.")
-    sizes[sizes.index(-1)] = n // known
-  if math.prod(sizes) != n:
-    raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} "
-                     f"devices but {n} are available.")
-  # Device order from jax.devices() keeps each host's devices contiguous along the mesh.
-  return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES,
-              axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    if num_devices % known:
+      raise ConfigError(f"config.mesh={shown} does not divide the {num_devices} available "
+                        "devices.")
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ConfigError(f"config.mesh={shown} needs {math.prod(sizes)} devices but "
+                      f"{num_devices} are available.")
+  return dict(zip(MESH_AXES, sizes))
+
+
+def make_mesh(mesh_config, devices=None) -> Mesh:
+  """A (data, fsdp, tensor) mesh; one size in `mesh_config` may be -1 (all remaining devices).
+  Device order is topology-aware (`jax.make_mesh`: neighbours in the interconnect are
+  neighbours on the mesh; each host's devices stay contiguous).
+
+  Raises:
+    ConfigError: naming config.mesh when the sizes do not fit the devices.
+  """
+  devices = jax.devices() if devices is None else list(devices)
+  sizes = mesh_sizes(mesh_config, len(devices))
+  return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
 
 
 @functools.cache

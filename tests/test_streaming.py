@@ -18,7 +18,8 @@ from hvlm_jax.data import video as video_lib
 from hvlm_jax.data.annotations import SplitData, VideoEntry
 from hvlm_jax.data.targets import action_targets
 from hvlm_jax.data.text import Vocabularies
-from hvlm_jax.models import heads, stitching, streaming
+from hvlm_jax.eval import streaming as eval_streaming
+from hvlm_jax.models import heads, stitching, streaming, streaming_loss
 from hvlm_jax.models import model as model_lib
 
 from data_testutil import index_frames, tmp_dir, write_video
@@ -210,7 +211,7 @@ def test_streaming_with_a_large_bank_equals_attending_to_the_concatenated_memory
   # The training path (lax.scan over segments) computes the same; with an empty bank (segment
   # 1) the streaming model is the clip model itself, from a normally trained parameter tree.
   stacked = dict(video, video=np.stack([s["video"] for s in segs], 1), segment_valid=valid.T)
-  train_out = jax.jit(lambda v, x: streaming.stream_outputs(model, v, x))(v, stacked)
+  train_out = jax.jit(lambda v, x: streaming_loss.stream_outputs(model, v, x))(v, stacked)
   clip = base_model.apply({"params": base}, segs[0])
   np.testing.assert_allclose(train_out["detection_logits"][:, :t], clip["detection_logits"],
                              rtol=1e-5, atol=1e-5)
@@ -235,7 +236,7 @@ def features_setup(truncation):
   params = init(model, dict(batch, features=batch["features"][:, 0]))
 
   def loss(features):
-    return streaming.streaming_loss(model, params, dict(batch, features=features), config,
+    return streaming_loss.streaming_loss(model, params, dict(batch, features=features), config,
                                     train=False)[0]
   return loss, batch["features"]
 
@@ -343,10 +344,10 @@ def test_split_predictions_do_not_depend_on_the_batch_and_losses_equal_the_train
   params = init(model, dict(segs[0], questions=video["questions"],
                             caption_tokens=video["caption_tokens"]))
   params["memory_reader"]["gate"] = jnp.full_like(params["memory_reader"]["gate"], 0.8)
-  (both, metrics, count, _), = list(streaming.split_predictions(config, model, params, split,
+  (both, metrics, count, _), = list(eval_streaming.split_predictions(config, model, params, split,
                                                                  vocabs))
   config.data.eval_batch_size = 1
-  alone, _, _, _ = next(streaming.split_predictions(config, model, params, split, vocabs))
+  alone, _, _, _ = next(eval_streaming.split_predictions(config, model, params, split, vocabs))
   assert int(np.asarray(both["detection_valid"][0]).sum()) > 0 and int(count) == 2
   for k, v in alone.items():
     np.testing.assert_allclose(np.asarray(both[k][:1]), np.asarray(v), rtol=1e-5, atol=1e-6,
@@ -358,7 +359,7 @@ def test_split_predictions_do_not_depend_on_the_batch_and_losses_equal_the_train
              ("video", "segment_valid", "action_targets", "action_offsets", "step_times")}
   train_batch = dict(video, **stacked, step_duration=segs[0]["step_duration"],
                      action_mask=video["action_mask"] & video["valid"])
-  _, ref = jax.jit(lambda p, b: streaming.streaming_loss(model, p, b, config, train=False))(
+  _, ref = jax.jit(lambda p, b: streaming_loss.streaming_loss(model, p, b, config, train=False))(
       params, train_batch)
   assert float(ref["action_detection_loss"]) > 0
   for k, v in ref.items():

@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from hvlm_jax import config as config_lib
 from hvlm_jax import data as data_lib
+from hvlm_jax import run as run_lib
 from hvlm_jax import sharding
 from hvlm_jax.train import trainer
 from hvlm_jax.checkpoint import Checkpointer
@@ -32,7 +33,7 @@ def setup():
   config = train_config()
   split = data_lib.load_split(config, "training")
   vocabs = data_lib.Vocabularies.build(split, config)
-  config = trainer.prepare_config(config, vocabs)
+  config = run_lib.fill_from_vocabularies(config, vocabs)
   it = data_lib.make_train_iterator(config, split, vocabs, seed=0)
   batches = [next(it) for _ in range(3)]
   example = {k: v[:4] for k, v in batches[0].items()}

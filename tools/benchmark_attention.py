@@ -57,7 +57,9 @@ _MAX_MEM = flags.DEFINE_float("max_memory_fraction", 0.5,
 
 def options(name: str) -> dict:
   """The type's options from configs/base.py (what `model.attention.type=name` trains with)."""
-  return dict(base.get_config().model.attention.get(name, {}))
+  # Frame-relative options (0, "frame") resolved for 224 px frames of 16 px patches.
+  return attention.resolve_frame_options(
+      name, dict(base.get_config().model.attention.get(name, {})), 196)
 
 
 def model_gflops(name: str, n: int, d: int, h: int, opts: dict) -> float:

@@ -73,7 +73,7 @@ _SIZES = flags.DEFINE_list("head_sizes", ["8", "43", "17"],
 
 
 def model_config(att: str, ratio: float, frames: int):
-  config = common.frame_aligned_attention(_CONFIG.value.copy_and_resolve_references())
+  config = _CONFIG.value.copy_and_resolve_references()
   config.data.video.num_frames = frames
   config.model.attention.type = att
   config.model.token_merging.enabled = ratio > 0

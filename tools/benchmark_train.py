@@ -48,9 +48,9 @@ from absl import app, flags  # noqa: E402
 from flax import linen as nn  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from hvlm_jax import config as config_lib  # noqa: E402
 from hvlm_jax import data as data_lib  # noqa: E402
-from hvlm_jax import sharding
+from hvlm_jax import run as run_lib  # noqa: E402
+from hvlm_jax import sharding  # noqa: E402
 from hvlm_jax.train import trainer  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Training config.")
@@ -74,7 +74,7 @@ def real_batch(config):
   data_lib.ensure_dataset(config)
   split = data_lib.load_split(config, "training")
   vocabs = data_lib.Vocabularies.build(split, config)
-  config = trainer.prepare_config(config, vocabs)
+  config = run_lib.fill_from_vocabularies(config, vocabs)
   batch = next(data_lib.make_train_iterator(config, split, vocabs, seed=config.seed,
                                             process_index=0, process_count=1))
   return config, batch
@@ -167,7 +167,7 @@ def matmul_probe(m: int):
 def main(argv):
   del argv
   base_config = _CONFIG.value
-  config_lib.validate(base_config)
+  run_lib.validate(base_config, jax.device_count())
   unknown = [v for v in _VARIANTS.value if v not in VARIANTS]
   if unknown:
     raise app.UsageError(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}.")

@@ -1,4 +1,4 @@
-"""Loads and validates the annotations of one split (the layout of DESIGN.md).
+"""Loads and validates the annotations of one split (the layout of docs/design.md and the README).
 
     DATA/{split}/videos/*.mp4            (or DATA/{split}/features/*.npy in features mode)
     DATA/{split}/annotations/{action_detection,video_qa,video_captioning}.json

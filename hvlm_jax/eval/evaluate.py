@@ -1,9 +1,10 @@
 """Evaluation: run every head over a split and score it with the field's metrics.
 
 `evaluate_split` serves the trainer (validation during training) and
-`evaluate_checkpoint` serves `python -m hvlm_jax.evaluate`: it restores parameters only,
-onto whatever devices are present, and writes `WORKDIR/eval/{metrics,report,predictions}_
-{split}_step{N}` (JSON, markdown, JSON), never overwriting a good file with a failed one.
+`evaluate_checkpoint` serves `python -m hvlm_jax.evaluate`: from the run's own config.json
+(plus explicit overrides) it restores parameters only, onto whatever devices are present,
+and writes `WORKDIR/eval/{metrics,report,predictions}_{split}_step{N}_{data id}` (JSON,
+markdown, JSON), never overwriting an earlier result (a rerun gets a `_r2` suffix).
 
 Scoring: detection mAP by the ActivityNet protocol against every annotated segment, QA
 accuracy by normalised exact match against the annotated answer strings (answers outside the
@@ -12,18 +13,26 @@ CIDEr-D against every reference caption, clip top-1 / top-5, each also per domai
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 
 import jax
+import ml_collections
 import numpy as np
 from flax import linen as nn
 
+from hvlm_jax import data as data_lib
+from hvlm_jax import run as run_lib
+from hvlm_jax import sharding
+from hvlm_jax.checkpoint import Checkpointer
+from hvlm_jax.data import segments as segments_lib
 from hvlm_jax.eval import metrics as metrics_lib
 from hvlm_jax.eval import report as report_lib
+from hvlm_jax.eval import streaming as eval_streaming
 from hvlm_jax.models import model as model_lib
+from hvlm_jax.models import streaming
 from hvlm_jax.models.heads.detection import detections_as_lists
-from hvlm_jax import sharding
 
 
 def _mask_invalid(batch: dict) -> dict:
@@ -55,9 +64,6 @@ def run_split(config, model, params, split_data, vocabs, mesh, *, max_batches: i
 
   A StreamingVLM streams the videos longer than model.streaming.auto_threshold segments
   (hvlm_jax/models/streaming.py); losses average over clip-length and streamed videos."""
-  from hvlm_jax import data as data_lib
-  from hvlm_jax.data import segments as segments_lib
-  from hvlm_jax.models import streaming
   long_split = None
   if isinstance(model, streaming.StreamingVLM):
     split_data, long_split = segments_lib.split_by_length(config, split_data)
@@ -83,7 +89,7 @@ def run_split(config, model, params, split_data, vocabs, mesh, *, max_batches: i
       total += count
       records.extend(_records(jax.device_get(_local(preds)), batch, split_data, vocabs))
     if long_split is not None and len(long_split):
-      for preds, losses, count, batch in streaming.split_predictions(
+      for preds, losses, count, batch in eval_streaming.split_predictions(
           config, model, params, long_split, vocabs,
           put=lambda b: sharding.global_batch(b, mesh), process_index=jax.process_index(),
           process_count=jax.process_count()):
@@ -202,74 +208,64 @@ def evaluate_split(config, model, params, split_data, vocabs, mesh, *, max_batch
   return dict(losses, **scored)
 
 
-def evaluate_checkpoint(config, workdir: str, *, step="latest", split: str = "test") -> dict:
-  """`python -m hvlm_jax.evaluate`: restore params, run every head, write the results."""
-  from hvlm_jax import config as config_lib
-  from hvlm_jax import data as data_lib
-  from hvlm_jax.train import trainer
-  from hvlm_jax.models import streaming
-  from hvlm_jax.checkpoint import (CheckpointMismatchError, Checkpointer,
-                                         abstract_with_shardings)
-
+def evaluate_checkpoint(workdir: str, *, step="latest", split: str = "test",
+                        overrides: dict | None = None) -> dict:
+  """`python -m hvlm_jax.evaluate`: the run's own config (WORKDIR/config.json) plus explicit
+  `overrides`, parameters restored onto the devices present, every head run, results written.
+  """
   workdir = os.path.abspath(workdir)
-  vocab_path = os.path.join(workdir, "vocabularies.json")
-  if not os.path.exists(vocab_path):
-    raise FileNotFoundError(f"{vocab_path} not found: --workdir must be a training run "
-                            "directory (it holds the vocabularies and checkpoints).")
-  vocabs = data_lib.Vocabularies.load(vocab_path)
-  config = trainer.prepare_config(config, vocabs)
-  config_lib.validate(config)
+  config, overridden = run_lib.load_run_config(workdir, overrides)
+  vocabs = run_lib.load_vocabularies(workdir)
+  config = run_lib.fill_from_vocabularies(config, vocabs)
+  # Evaluation runs on the devices present, whatever mesh trained the checkpoint.
+  config.mesh = ml_collections.ConfigDict(run_lib.INFERENCE_MESH)
+  run_lib.validate(config, jax.device_count(), training=False)
+  run_lib.enable_compilation_cache(config)
   ckpt = Checkpointer(workdir, read_only=True, async_save=False)
   step = ckpt.resolve(step)
-
-  # Evaluation runs on the devices present, whatever mesh trained the checkpoint.
-  mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
+  mesh = sharding.make_mesh(config.mesh)
   config.data.eval_batch_size = _round_up(config.data.eval_batch_size, mesh.size)
   data_lib.ensure_dataset(config)
   split_data = data_lib.load_split(config, split, training=False)
+  source_changed = sorted(k for k in overridden if k in run_lib.DATA_SOURCE_KEYS)
+  if source_changed:
+    logging.warning("Scoring data other than the run's: %s (overrides of %s).",
+                    split_data.root, ", ".join(source_changed))
   train_answers = None
   try:
     train = data_lib.load_split(config, "training", probe_durations=False)
     train_answers = [a for e in train.entries for _, a in e.qa_pairs or ()]
   except (FileNotFoundError, data_lib.AnnotationError) as e:
     logging.warning("Majority-answer baseline without training answers: %s", e)
-  model = streaming.build_model(config)
+  model = run_lib.build_model(config)
   example = next(iter(data_lib.eval_batches(config, split_data, vocabs)))
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.flax_logical_rules()):
-    boxed = jax.eval_shape(lambda r: model.init({"params": r, "dropout": r, "features": r},
-                                                example, train=False)["params"],
-                           jax.random.key(0))
-    abstract = jax.eval_shape(lambda r: nn.meta.unbox(model.init(
-        {"params": r, "dropout": r, "features": r}, example, train=False)["params"]),
-        jax.random.key(0))
-  target = abstract_with_shardings(abstract, sharding.tree_shardings(boxed, mesh))
-  try:
-    params = ckpt.restore_params(step, target)
-  except CheckpointMismatchError:
-    if "memory_reader" not in target:
-      raise
-    # A clip-model checkpoint: its parameters plus a fresh memory reader (gate 0).
-    params = ckpt.restore_params(step, {k: v for k, v in target.items() if k != "memory_reader"})
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.flax_logical_rules()):
-      fresh = jax.jit(lambda r: nn.meta.unbox(model.init(
-          {"params": r, "dropout": r, "features": r}, example, train=False)["params"]))(
-              jax.random.key(0))
-    params = streaming.add_memory_params(params, {"memory_reader": fresh["memory_reader"]})
+  params = run_lib.restore_params(ckpt, step, model, example, mesh)
   logging.info("Restored parameters of %s step %d onto %d device(s).", workdir, step, mesh.size)
 
   losses, records = run_split(config, model, params, split_data, vocabs, mesh, progress=True)
   metrics = score(records, split_data, train_answers=train_answers, meteor=None)
   metrics["meta"] = dict(split=split, step=step, videos=len(records), workdir=workdir,
-                         devices=mesh.size)
+                         devices=mesh.size, data_dir=str(split_data.root),
+                         overrides=overridden,
+                         data_source_overridden=source_changed)
   metrics["losses"] = losses
   if jax.process_index() == 0:
     out = os.path.join(workdir, "eval")
     os.makedirs(out, exist_ok=True)
-    name = f"{split}_step{step}"
+    name = report_lib.unused_name(out, f"{split}_step{step}_{data_id(split_data)}")
+    metrics["meta"]["name"] = name
     report_lib.write_results(out, metrics, _jsonable(records), name=name)
     logging.info("Results in %s/{metrics,report,predictions}_%s.*", out, name)
     print(report_lib.markdown_report(metrics, f"{split} split, step {step}"))
   return metrics
+
+
+def data_id(split_data) -> str:
+  """A short id of the data a split holds (its folder and video ids): result files carry it,
+  so scoring other data never replaces the results of the run's own."""
+  text = "\n".join([os.path.abspath(str(split_data.root))] +
+                    sorted(e.video_id for e in split_data.entries))
+  return hashlib.sha1(text.encode()).hexdigest()[:6]
 
 
 def _round_up(n: int, k: int) -> int:

@@ -97,6 +97,17 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int | None =
   return write_text_atomic(path, text + "\n")
 
 
+def unused_name(folder: str | os.PathLike, name: str) -> str:
+  """`name`, or `name_r2`, `name_r3`, ... : the first for which no result file exists yet, so
+  a rerun never overwrites an earlier result."""
+  folder, candidate, n = os.fspath(folder), name, 1
+  while any(os.path.exists(os.path.join(folder, f"{kind}_{candidate}.{ext}"))
+            for kind, ext in (("metrics", "json"), ("report", "md"), ("predictions", "json"))):
+    n += 1
+    candidate = f"{name}_r{n}"
+  return candidate
+
+
 def write_results(folder: str | os.PathLike, metrics: Mapping, predictions: Any = None, *,
                   name: str = "test", title: str | None = None) -> dict[str, str]:
   """Writes `metrics_{name}.json`, `report_{name}.md` and (if given) `predictions_{name}.json`

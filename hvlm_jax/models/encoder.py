@@ -6,6 +6,14 @@ position embeddings (one table over time, one over space, summed). Tokens are la
 time-major, token index = time * P + space, so frame-local attention is a reshape.
 Each pre-LN block's attention comes from `hvlm_jax.models.attention.REGISTRY` by name.
 
+Architecture options let the same module express published backbones exactly (see
+`ARCHITECTURE_KEYS` and hvlm_jax/pretrained): position embeddings `factorised` (default),
+`joint` (one learned table over all tokens, ViViT) or `sinusoidal` (fixed 1-D table over all
+tokens, VideoMAE); an optional CLS token (kept last in the sequence, so the grid tokens stay
+time-major for frame-structured attention; position row 0 of a joint table is its own);
+q/k/v biases; LayerNorm epsilon; exact or tanh GELU; a final LayerNorm or none; a pooled
+output (`mean`: mean over the grid then `fc_norm`, or `cls`); per-channel pixel normalisation.
+
 With `token_merging` (a `MergingSpec`), r_l tokens are merged before block l (ToMe-style
 bipartite matching steered by optical-flow motion and saliency of the input clip, see
 hvlm_jax/models/token_merging), and each block's attention gets key_bias = log(token size)
@@ -24,7 +32,8 @@ from flax import linen as nn
 
 from hvlm_jax.models import attention as attention_lib
 from hvlm_jax.models.domain.lora import LoRASpec, lora_dense
-from hvlm_jax.models.layers import Dtype, layer_norm, partitioned
+from hvlm_jax.models.layers import (ABSENT_QKV_BIASES, Dtype, layer_norm, partitioned,
+                                    sinusoidal_table, without_qkv_biases)
 from hvlm_jax.models.token_merging import MergingSpec
 from hvlm_jax.models.token_merging import merging as merging_lib
 from hvlm_jax.models.token_merging.flow import token_flow_features, token_motion
@@ -32,6 +41,38 @@ from hvlm_jax.models.token_merging.saliency import token_saliency
 
 STEMS = ("patch", "conv", "hybrid")  # config.model.stem
 MOTION_INPUTS = ("difference", "flow")  # config.model.motion_input
+
+POSITION_EMBEDDINGS = ("factorised", "joint", "sinusoidal")  # config.model.position_embedding
+POOLINGS = ("none", "mean", "cls")  # config.model.pooling
+GELUS = ("tanh", "exact")  # config.model.gelu
+CHANNEL_ORDERS = ("rgb", "bgr")  # config.model.pixel_channel_order
+
+# config.model key -> (VideoEncoder attribute, default). The defaults are today's ViViT-style
+# encoder; model.py reads them with `encoder_architecture`.
+ARCHITECTURE_KEYS = {
+    "position_embedding": ("position_embedding", "factorised"),
+    "cls_token": ("cls_token", False),
+    "qkv_bias": ("qkv_bias", "qkv"),
+    "layer_norm_epsilon": ("layer_norm_epsilon", 1e-6),
+    "gelu": ("gelu", "tanh"),
+    "final_norm": ("final_norm", True),
+    "pooling": ("pooling", "none"),
+    "pool_norm_epsilon": ("pool_norm_epsilon", 1e-5),
+    "pixel_mean": ("pixel_mean", (0.45, 0.45, 0.45)),
+    "pixel_std": ("pixel_std", (0.225, 0.225, 0.225)),
+    "pixel_channel_order": ("pixel_channel_order", "rgb"),
+}
+
+
+def encoder_architecture(model_config) -> dict[str, Any]:
+  """VideoEncoder keyword arguments of the architecture keys of `config.model` (absent keys
+  take the defaults, so an old config builds today's encoder)."""
+  out = {}
+  for key, (attr, default) in ARCHITECTURE_KEYS.items():
+    value = model_config.get(key, default)
+    out[attr] = tuple(float(v) for v in value) if isinstance(default, tuple) else value
+  return out
+
 
 # Names accepted by training.remat_policy.
 REMAT_POLICIES = {
@@ -44,10 +85,12 @@ REMAT_POLICIES = {
 
 
 class Mlp(nn.Module):
-  """D -> mlp_dim -> GELU -> D; `mlp_in`, `mlp_out` are LoRA targets."""
+  """D -> mlp_dim -> GELU -> D; `mlp_in`, `mlp_out` are LoRA targets. `gelu`: "tanh" (the
+  tanh approximation, HF `gelu_fast`) or "exact" (erf, HF `gelu`)."""
   mlp_dim: int
   dropout_rate: float = 0.0
   lora: LoRASpec | None = None
+  gelu: str = "tanh"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -56,7 +99,8 @@ class Mlp(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = lora_dense(self.mlp_dim, "mlp_in", self.lora, name="mlp_in",
                    kernel_axes=("embed", "mlp"), **kw)(x, domain, deterministic=deterministic)
-    h = nn.Dropout(self.dropout_rate)(nn.gelu(h), deterministic=deterministic)
+    h = nn.gelu(h, approximate=self.gelu != "exact")
+    h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
     y = lora_dense(x.shape[-1], "mlp_out", self.lora, name="mlp_out",
                    kernel_axes=("mlp", "embed"), **kw)(h, domain, deterministic=deterministic)
     return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
@@ -70,20 +114,25 @@ class EncoderBlock(nn.Module):
   attention_options: tuple[tuple[str, Any], ...] = ()
   dropout_rate: float = 0.0
   lora: LoRASpec | None = None
+  qkv_bias: str = "qkv"
+  layer_norm_epsilon: float = 1e-6
+  gelu: str = "tanh"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, mask=None, key_bias=None, domain=None, deterministic=True):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    attn_cls = attention_lib.get(self.attention_type)
+    eps = self.layer_norm_epsilon
+    attn_cls = without_qkv_biases(attention_lib.get(self.attention_type),
+                                  ABSENT_QKV_BIASES[self.qkv_bias])
     attn = attn_cls(num_heads=self.num_heads, lora=self.lora, name="attention",
                     **dict(self.attention_options), **kw)
-    h = attn(layer_norm("ln_attention", **kw)(x), mask=mask, key_bias=key_bias, domain=domain,
-             deterministic=deterministic)
+    h = attn(layer_norm("ln_attention", epsilon=eps, **kw)(x), mask=mask, key_bias=key_bias,
+             domain=domain, deterministic=deterministic)
     x = x + nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
-    h = Mlp(self.mlp_dim, self.dropout_rate, self.lora, name="mlp", **kw)(
-        layer_norm("ln_mlp", **kw)(x), domain, deterministic=deterministic)
+    h = Mlp(self.mlp_dim, self.dropout_rate, self.lora, self.gelu, name="mlp", **kw)(
+        layer_norm("ln_mlp", epsilon=eps, **kw)(x), domain, deterministic=deterministic)
     x = x + h
     return nn.with_logical_constraint(x, ("activation_batch", "activation_length",
                                           "activation_embed"))
@@ -149,6 +198,11 @@ class VideoEncoder(nn.Module):
     time_features: (B, T', D) per time step, the mean over the P grid positions of that step
                    of the token covering each position (size-weighted pooling by source).
     grid:          (T', P).
+  with a CLS token (`cls_token`) also
+    cls:           (B, D) the CLS token's final state (it attends and is attended to, but is
+                   not part of `tokens`); HF's last_hidden_state is [cls, tokens].
+  with `pooling` "mean" or "cls" also
+    pooled:        (B, D) fc_norm(mean of the grid) or the CLS state.
   and with merging also
     sizes:         (B, N') float32 grid positions per token.
     assignment:    (B, N) int32 final token of every grid position (unmerge_to_grid).
@@ -174,23 +228,32 @@ class VideoEncoder(nn.Module):
   stem: str = "patch"
   flow_options: tuple[tuple[str, Any], ...] = ()  # flow_pairs options of the "flow" stream.
   flow_cells_per_token: int = 4
+  # Architecture options (ARCHITECTURE_KEYS; defaults: today's encoder).
+  position_embedding: str = "factorised"
+  cls_token: bool = False
+  qkv_bias: str = "qkv"
+  layer_norm_epsilon: float = 1e-6
+  gelu: str = "tanh"
+  final_norm: bool = True
+  pooling: str = "none"
+  pool_norm_epsilon: float = 1e-5
+  pixel_mean: tuple[float, ...] = (0.45, 0.45, 0.45)
+  pixel_std: tuple[float, ...] = (0.225, 0.225, 0.225)
+  pixel_channel_order: str = "rgb"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, inputs, *, domain=None, deterministic=True, merge_weights=None):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.check_architecture()
     tokens, grid = self.embed(inputs)
     b, t, p, d = tokens.shape
-    time_pos = self.param("time_position", partitioned(nn.initializers.normal(0.02),
-                                                       ("time", "embed")), (t, d),
-                          self.param_dtype)
-    space_pos = self.param("space_position", partitioned(nn.initializers.normal(0.02),
-                                                         ("space", "embed")), (p, d),
-                           self.param_dtype)
-    tokens = tokens + (time_pos[:, None, :] + space_pos[None, :, :]).astype(self.dtype)
-    x = tokens.reshape(b, t * p, d)
+    x, cls = self.add_positions(tokens)
+    if cls is not None:  # Last, so the grid tokens keep their time-major indices.
+      x = jnp.concatenate([x, jnp.broadcast_to(cls, (b, 1, d))], axis=1)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+    n_cls = int(self.cls_token)
 
     spec = self.token_merging
     merging = spec is not None and (inputs.ndim == 5 or spec.features_mode != "off")
@@ -214,24 +277,83 @@ class VideoEncoder(nn.Module):
     if self.remat_policy:
       block_cls = nn.remat(EncoderBlock, policy=REMAT_POLICIES[self.remat_policy],
                            static_argnums=(5,))
+    arch = dict(qkv_bias=self.qkv_bias, layer_norm_epsilon=self.layer_norm_epsilon,
+                gelu=self.gelu)
     key_bias = None
     for i in range(self.num_layers):
-      if merging and rs[i]:
-        x, state = merging_lib.merge_step(x, state, rs[i], grid3, **step_kw)
+      if merging and rs[i]:  # The CLS token (last) is never merged.
+        grid_x, state = merging_lib.merge_step(x[:, :x.shape[1] - n_cls], state, rs[i], grid3,
+                                               **step_kw)
+        x = jnp.concatenate([grid_x, x[:, x.shape[1] - n_cls:]], axis=1)
         key_bias = jnp.log(state.sizes)  # Proportional attention (ToMe).
+        if n_cls:
+          key_bias = jnp.pad(key_bias, ((0, 0), (0, n_cls)))
       mask = jnp.ones(x.shape[:2], bool)
-      x = block_cls(self.num_heads, self.mlp_dim, self.attention_type, self.attention_options,
-                    self.dropout_rate, self.lora, name=f"block_{i}", **kw)(
-                        x, mask, key_bias, domain, deterministic)
-    x = layer_norm("ln_final", **kw)(x)
+      # Frame-relative options (0, "frame") mean one frame of the tokens this block sees.
+      options = attention_lib.resolve_frame_options(
+          self.attention_type, dict(self.attention_options),
+          max((x.shape[1] - n_cls) // t, 1))
+      x = block_cls(self.num_heads, self.mlp_dim, self.attention_type,
+                    tuple(sorted(options.items())), self.dropout_rate, self.lora,
+                    name=f"block_{i}", **arch, **kw)(x, mask, key_bias, domain, deterministic)
+    if self.final_norm:
+      x = layer_norm("ln_final", epsilon=self.layer_norm_epsilon, **kw)(x)
+    out = {}
+    if n_cls:
+      x, out["cls"] = x[:, :-n_cls], x[:, -1]
     mask = jnp.ones(x.shape[:2], bool)
     full = merging_lib.unmerge_to_grid(x, state.assignment) if merging else x
     time_features = full.reshape(b, t, p, d).mean(axis=2)
-    out = dict(tokens=x, token_mask=mask, time_features=time_features, grid=grid)
+    if self.pooling == "mean":  # Mean over grid positions (size-weighted when merged).
+      out["pooled"] = layer_norm("fc_norm", epsilon=self.pool_norm_epsilon, **kw)(
+          full.mean(axis=1))
+    elif self.pooling == "cls":
+      out["pooled"] = out["cls"]
+    out.update(tokens=x, token_mask=mask, time_features=time_features, grid=grid)
     if merging:
       out.update(extras, sizes=state.sizes, assignment=state.assignment,
                  positions=merging_lib.token_positions(state, grid3))
     return out
+
+  def check_architecture(self):
+    """ValueError naming the config key of an architecture option out of its choices."""
+    choices = (("position_embedding", POSITION_EMBEDDINGS), ("qkv_bias", ABSENT_QKV_BIASES),
+               ("gelu", GELUS), ("pooling", POOLINGS),
+               ("pixel_channel_order", CHANNEL_ORDERS))
+    for key, allowed in choices:
+      if getattr(self, key) not in allowed:
+        raise ValueError(f"config.model.{key}={getattr(self, key)!r} is not one of "
+                         f"{', '.join(allowed)}.")
+    if self.pooling == "cls" and not self.cls_token:
+      raise ValueError("config.model.pooling='cls' needs config.model.cls_token=True.")
+
+  def add_positions(self, tokens):
+    """(B, T', P, D) tokens -> ((B, T'P, D) with position embeddings, CLS (1, 1, D) or None).
+
+    `joint` keeps HF ViViT's table layout: (1 + T'P, D) with row 0 the CLS token's.
+    """
+    b, t, p, d = tokens.shape
+    init = nn.initializers.normal(0.02)
+    n_cls = int(self.cls_token)
+    cls = None
+    if n_cls:
+      cls = self.param("cls", partitioned(nn.initializers.zeros, ("embed",)), (d,),
+                       self.param_dtype).astype(self.dtype)[None, None, :]
+    if self.position_embedding == "factorised":
+      time_pos = self.param("time_position", partitioned(init, ("time", "embed")), (t, d),
+                            self.param_dtype)
+      space_pos = self.param("space_position", partitioned(init, ("space", "embed")), (p, d),
+                             self.param_dtype)
+      tokens = tokens + (time_pos[:, None, :] + space_pos[None, :, :]).astype(self.dtype)
+      return tokens.reshape(b, t * p, d), cls
+    x = tokens.reshape(b, t * p, d)
+    if self.position_embedding == "sinusoidal":
+      return x + jnp.asarray(sinusoidal_table(t * p, d), self.dtype), cls
+    table = self.param("position", partitioned(init, (None, "embed")), (n_cls + t * p, d),
+                       self.param_dtype).astype(self.dtype)
+    if n_cls:
+      cls = cls + table[None, :1]
+    return x + table[n_cls:], cls
 
   def importance(self, clip) -> dict:
     """Per-grid-position motion and saliency scores (B, N) in [0, 1] of a clip (B, T, H, W, C)."""
@@ -258,7 +380,14 @@ class VideoEncoder(nn.Module):
     clip = inputs
     if jnp.issubdtype(inputs.dtype, jnp.integer):
       inputs = inputs.astype(self.dtype) / 255.0
-    x = (inputs.astype(self.dtype) - 0.45) / 0.225
+    x = inputs.astype(self.dtype)
+    if self.pixel_channel_order == "bgr":  # Checkpoints and the data pipeline are RGB.
+      x = x[..., ::-1]
+    mean, std = self.pixel_mean, self.pixel_std
+    # One value for all channels stays a scalar (any channel count, today's arithmetic).
+    mean = mean[0] if len(set(mean)) == 1 else jnp.asarray(mean, self.dtype)
+    std = std[0] if len(set(std)) == 1 else jnp.asarray(std, self.dtype)
+    x = (x - mean) / std
     if "difference" in self.motion_input:  # Backward differences; the first frame's is 0.
       diff = jnp.concatenate([jnp.zeros_like(x[:, :1]), x[:, 1:] - x[:, :-1]], axis=1)
       x = jnp.concatenate([x, diff], axis=-1)

@@ -40,8 +40,8 @@ from hvlm_jax.models import attention as attention_lib
 from hvlm_jax.models import heads as heads_lib
 from hvlm_jax.models.domain.experts import (ROUTING_MODES, DomainExperts, DomainRouter,
                                             router_losses, routing_weights)
-from hvlm_jax.models.domain.lora import LoRASpec
-from hvlm_jax.models.encoder import VideoEncoder
+from hvlm_jax.models.domain.lora import TARGETS, LoRASpec
+from hvlm_jax.models.encoder import MOTION_INPUTS, STEMS, VideoEncoder
 from hvlm_jax.models.token_merging import MergingSpec
 from hvlm_jax.models.token_merging.merging import unmerge_to_grid
 
@@ -109,6 +109,57 @@ def check_model_config(model_config) -> None:
   if model_config.hidden_size % heads:
     raise ConfigError(f"config.model.hidden_size={model_config.hidden_size} is not divisible "
                       f"by config.model.heads.text.num_heads={heads}.")
+
+
+def check_encoder_config(model_config, video_config) -> None:
+  """Encoder keys against each other and the clip shape (config.data.video); ConfigError
+  naming the key."""
+  if model_config.hidden_size % model_config.num_attention_heads:
+    raise ConfigError(
+        f"config.model.hidden_size={model_config.hidden_size} is not divisible by "
+        f"config.model.num_attention_heads={model_config.num_attention_heads}.")
+  motion = tuple(model_config.get("motion_input", ()))
+  if any(m not in MOTION_INPUTS for m in motion) or len(set(motion)) != len(motion):
+    raise ConfigError(f"config.model.motion_input={motion!r} must list distinct streams out of "
+                      f"{', '.join(MOTION_INPUTS)}.")
+  if len(tuple(model_config.tubelet_size)) != 3 or min(model_config.tubelet_size) < 1:
+    raise ConfigError(f"config.model.tubelet_size={tuple(model_config.tubelet_size)} must be "
+                      "three positive sizes (time, height, width).")
+  t, p, q = model_config.tubelet_size
+  stem = model_config.get("stem", "patch")
+  if stem not in STEMS:
+    raise ConfigError(f"config.model.stem={stem!r} is not one of {', '.join(STEMS)}.")
+  if stem != "patch" and (p & (p - 1) or p < 2):
+    raise ConfigError(f"config.model.stem={stem!r} needs a power-of-two patch size; got "
+                      f"config.model.tubelet_size[1]={p}.")
+  frames, size = video_config.num_frames, video_config.frame_size
+  if frames < 1 or frames % t:
+    raise ConfigError(f"config.data.video.num_frames={frames} is not a positive multiple of "
+                      f"the temporal tubelet size config.model.tubelet_size[0]={t}.")
+  if size < 1 or size % p or p != q:
+    raise ConfigError(f"config.data.video.frame_size={size} must be a positive multiple of a "
+                      f"square spatial tubelet config.model.tubelet_size[1:]=({p}, {q}).")
+  for key in ("dtype", "param_dtype"):
+    if model_config[key] not in ("float32", "bfloat16", "float16"):
+      raise ConfigError(f"config.model.{key}={model_config[key]!r} is not float32, bfloat16 or "
+                        "float16.")
+  for key in ("dropout_rate", "attention_dropout_rate"):
+    if not 0.0 <= model_config.get(key, 0.0) < 1.0:
+      raise ConfigError(f"config.model.{key}={model_config[key]} must be in [0, 1).")
+  lora = model_config.domain_modules.lora
+  unknown = sorted(set(lora.targets) - set(TARGETS))
+  if unknown or lora.rank < 1:
+    raise ConfigError(f"config.model.domain_modules.lora: targets {unknown} unknown or rank "
+                      f"{lora.rank} < 1; targets are {', '.join(TARGETS)}.")
+  h = model_config.heads
+  choices = (("classification_pooling", h.classification_pooling, ("attention", "mean")),
+             ("detection.loss", h.detection.loss, ("focal", "bce")),
+             ("detection.regression_loss", h.detection.regression_loss, ("diou", "l1")))
+  for key, value, allowed in choices:
+    if value not in allowed:
+      raise ConfigError(f"config.model.heads.{key}={value!r} is not one of "
+                        f"{', '.join(allowed)}.")
+  attention_options(model_config)  # attention_dropout_rate against the attention type.
 
 
 def text_heads(model_config) -> int:

@@ -22,11 +22,11 @@ candidates and one pending segment of scores, and one compiled program serves ev
 Parameters: HierarchicalVLM's tree plus `memory_reader` ({attention: {qkv, out_proj}, ln, gate};
 created only with the detection head, the per-segment reader of the bank). A
 normally trained checkpoint streams after `add_memory_params` (g = 0: the per-segment outputs
-are the clip model's until the gate is trained with `streaming_loss`).
+are the clip model's until the gate is trained with `streaming_loss.streaming_loss`).
+The host loop that evaluates long videos is hvlm_jax/eval/streaming.py.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -310,99 +310,3 @@ def finish(model: StreamingVLM, variables, state: dict, batch: dict) -> dict:
   if "router_sum" in state:
     out["router_domain"] = state["router_sum"].argmax(-1).astype(jnp.int32)
   return out
-
-
-def stream_predict(step_fn, finish_fn, variables, state: dict, video_batch: dict, segments, *,
-                   put=lambda b: b) -> dict:
-  """Host loop: step_fn(variables, state, put(segment)) over lazily read segment batches, then
-  finish_fn(variables, state, put(video_batch)). Host memory holds one segment batch at a time."""
-  for seg in segments:
-    state = step_fn(variables, state, put(seg))
-  return finish_fn(variables, state, put(video_batch))
-
-
-def split_predictions(config, model: StreamingVLM, params, split, vocabs, *, put=lambda b: b,
-                      process_index: int = 0, process_count: int = 1):
-  """Streams every video of `split` (hvlm_jax/data/segments.py `streaming_eval_batches`):
-  yields (predictions, loss metrics, count, video_batch) per batch of
-  config.data.eval_batch_size videos: predictions as HierarchicalVLM.predict's for whole videos
-  (detections in video seconds), loss metrics as `compute_losses`' (`finish_losses`) averaged
-  over the batch's `count` valid videos (global, over every process). `put` places host
-  batches on devices (e.g. train.sharding.global_batch on a mesh). One compiled segment step
-  and one compiled finish serve every batch and every length."""
-  from hvlm_jax.data import segments as segments_lib  # Local: the model needs no data code.
-  step = jax.jit(functools.partial(segment_step, model), donate_argnums=1)
-
-  def end(variables, state, batch):
-    return (finish(model, variables, state, batch),
-            finish_losses(model, variables, state, batch, config)[1], batch["valid"].sum())
-  end = jax.jit(end)
-  num_steps = config.data.video.num_frames // config.model.tubelet_size[0]
-  for video, segs in segments_lib.streaming_eval_batches(
-      config, split, vocabs, process_index=process_index, process_count=process_count):
-    state = init_state(model, config.data.eval_batch_size, num_steps)
-    yield (*stream_predict(step, end, {"params": params}, state, video, segs, put=put), video)
-
-
-# ----- training with memory ------------------------------------------------------------------
-def stream_outputs(model: StreamingVLM, variables, batch: dict, *, train=False, rngs=None,
-                   merge_weights=None) -> dict:
-  """Segments of one video in sequence (lax.scan) -> HierarchicalVLM.__call__'s outputs, with
-  detection_logits (B, S T', C) / detection_offsets (B, S T', 2) on the stitched timeline.
-
-  batch: video (B, S, T, H, W, 3) or features (B, S, T, F), segment_valid (B, S) bool, plus
-  video-level fields (domain, questions, caption_tokens). Truncated backprop: the bank is cut off
-  the gradient before every `truncation`-th segment (0: never); with `remat_segments` the scan
-  saves only the bank per segment and recomputes the segment in the backward pass.
-  """
-  opts = streaming_options(model.config)
-  key = "features" if "features" in batch else "video"
-  per_segment = {k: jnp.moveaxis(batch[k], 1, 0) for k in (key, "segment_valid")}
-  fixed = {k: batch[k] for k in ("domain",) if k in batch}
-  b = batch[key].shape[0]
-
-  def body(bank, xs):
-    index, seg_in = xs
-    if opts.truncation:
-      cut = index % opts.truncation == 0
-      bank = tuple(jnp.where(cut, jax.lax.stop_gradient(x), x) for x in bank)
-    seg_rngs = None if rngs is None else {n: jax.random.fold_in(r, index) for n, r in rngs.items()}
-    seg = model.apply(variables, dict(fixed, **{key: seg_in[key]}), *bank, train=train,
-                      merge_weights=merge_weights, rngs=seg_rngs, method=StreamingVLM.segment)
-    bank = update_bank(bank, seg, opts.memory_capacity, seg_in["segment_valid"])
-    ys = {k: v for k, v in seg.items() if k.startswith(("detection_", "router_"))}
-    if "detection_logits" in ys:  # Padding steps: logit -1e4 gives exactly zero focal / BCE loss.
-      ys["detection_logits"] = jnp.where(seg_in["segment_valid"][:, None, None],
-                                         ys["detection_logits"], -1e4)
-    return bank, ys
-
-  if opts.remat_segments:
-    body = jax.checkpoint(body)
-  num = per_segment[key].shape[0]
-  bank = empty_bank(b, opts.memory_capacity, model.config.hidden_size)
-  bank, ys = jax.lax.scan(body, bank, (jnp.arange(num), per_segment))
-  out = model.apply(variables, *bank, batch, train=train, rngs=rngs,
-                    method=StreamingVLM.video_outputs)
-  for k, v in ys.items():  # (S, B, T', ...) -> (B, S T', ...); router: mean over segments.
-    out[k] = v.mean(0) if k == "router_logits" else jnp.moveaxis(v, 0, 1).reshape(
-        b, -1, *v.shape[3:])
-  return out
-
-
-def flatten_segments(batch: dict) -> dict:
-  """Per-segment targets (B, S, T', ...) laid out on the stitched timeline (B, S T', ...)."""
-  out = dict(batch)
-  for k in ("action_targets", "action_offsets", "step_times"):
-    if k in out:
-      out[k] = out[k].reshape(out[k].shape[0], -1, *out[k].shape[3:])
-  return out
-
-
-def streaming_loss(model: StreamingVLM, params, batch: dict, config, *, rngs=None,
-                   merge_weights=None, train=True):
-  """(total, metrics) of `compute_losses` on `stream_outputs`: detection over every step of
-  every segment, QA / captioning / classification from the bank after the last segment.
-  batch: the streaming training schema of hvlm_jax/data/segments.py."""
-  outputs = stream_outputs(model, {"params": params}, batch, train=train, rngs=rngs,
-                           merge_weights=merge_weights)
-  return model_lib.compute_losses(outputs, flatten_segments(batch), config)

@@ -18,19 +18,20 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from hvlm_jax import config as config_lib
 from hvlm_jax import data as data_lib
+from hvlm_jax import run as run_lib
+from hvlm_jax import sharding
+from hvlm_jax.checkpoint import Checkpointer, abstract_with_shardings
+from hvlm_jax.data import segments as segments_lib
 from hvlm_jax.eval import evaluate as evaluate_lib
 from hvlm_jax.models import model as model_lib
-from hvlm_jax.models import streaming
-from hvlm_jax.data import segments as segments_lib
+from hvlm_jax.models import streaming, streaming_loss
 from hvlm_jax.models.domain import lora
-from hvlm_jax import sharding
 from hvlm_jax.train import state as state_lib
-from hvlm_jax.checkpoint import Checkpointer, abstract_with_shardings
 from hvlm_jax.train.metric_writer import MetricWriter
 
 
@@ -46,30 +47,13 @@ def total_train_steps(config, num_train_videos: int) -> int:
   return int(tr.num_epochs * steps_per_epoch)
 
 
-def prepare_config(config, vocabs) -> ml_collections.ConfigDict:
-  """Fills the data-dependent sizes (classes, vocabularies) into config.model.heads."""
-  config = ml_collections.ConfigDict(config.to_dict())
-  heads = config.model.heads
-  with config.ignore_type():
-    heads.num_classes = vocabs.num_actions
-    heads.vocab_size = vocabs.num_words
-    heads.num_answers = vocabs.num_answers
-  return config
-
-
-def create_train_state(config, model, tx, example_batch, mesh, rng):
+def create_train_state(model, tx, example_batch, mesh, rng):
   """Initialises the train state directly into its shardings (never whole on one device).
 
   Returns (state, state_shardings, abstract_state).
   """
-  def init(rng):
-    params_rng, dropout_rng, features_rng = jax.random.split(rng, 3)
-    variables = model.init({"params": params_rng, "dropout": dropout_rng,
-                            "features": features_rng}, example_batch, train=False)
-    return variables["params"]
-
-  param_shardings = sharding.tree_shardings(jax.eval_shape(init, rng), mesh)
-  abstract_params = jax.eval_shape(lambda r: nn.meta.unbox(init(r)), rng)
+  init = run_lib.init_fn(model, example_batch)
+  _, param_shardings = run_lib.abstract_params(model, example_batch, mesh)
 
   def init_state(rng):
     params = nn.meta.unbox(init(rng))
@@ -79,8 +63,8 @@ def create_train_state(config, model, tx, example_batch, mesh, rng):
   abstract_state = jax.eval_shape(init_state, rng)
   state_shardings = state_lib.TrainState(
       step=NamedSharding(mesh, P()), params=param_shardings,
-      opt_state=sharding.follow_param_shardings(abstract_state.opt_state, abstract_params,
-                                                param_shardings, mesh))
+      opt_state=sharding.follow_param_shardings(abstract_state.opt_state,
+                                                abstract_state.params, param_shardings, mesh))
   state = jax.jit(init_state, out_shardings=state_shardings)(rng)
   return state, state_shardings, abstract_with_shardings(abstract_state, state_shardings)
 
@@ -99,15 +83,13 @@ class Training:
 
 def build_training(config, mesh, example_batch, total_steps: int, rng) -> Training:
   """Model, optimizer, state initialised into its shardings on `mesh`, and the train step."""
-  model = streaming.build_model(config)
+  model = run_lib.build_model(config)
+  abstract_params, _ = run_lib.abstract_params(model, example_batch, mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.flax_logical_rules()):
-    abstract_params = jax.eval_shape(lambda r: nn.meta.unbox(model.init(
-        {"params": r, "dropout": r, "features": r}, example_batch, train=False)["params"]),
-        rng)
     schedule = state_lib.learning_rate_schedule(config, total_steps)
     tx = state_lib.make_optimizer(config, abstract_params, total_steps)
     state, state_shardings, abstract_state = create_train_state(
-        config, model, tx, example_batch, mesh, rng)
+        model, tx, example_batch, mesh, rng)
   train_step = make_train_step(config, model, tx, schedule, state_shardings, mesh)
   return Training(model, tx, schedule, state, state_shardings, abstract_state, train_step)
 
@@ -120,16 +102,17 @@ def make_train_step(config, model, tx, schedule, state_shardings, mesh):
 
     def loss_fn(params):
       if streaming.trains_with_memory(config):  # Batches of consecutive segments per video.
-        return streaming.streaming_loss(model, params, batch, config, merge_weights=merge_weights,
-                                        rngs={"dropout": dropout_rng, "features": features_rng})
+        return streaming_loss.streaming_loss(
+            model, params, batch, config, merge_weights=merge_weights,
+            rngs={"dropout": dropout_rng, "features": features_rng})
       outputs = model.apply({"params": params}, batch, train=True, merge_weights=merge_weights,
                             rngs={"dropout": dropout_rng, "features": features_rng})
       return model_lib.compute_losses(outputs, batch, config)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = jax.tree.map(lambda p, u: p + u, state.params, updates)
-    metrics = dict(metrics, grad_norm=optax_global_norm(grads),
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads),
                    learning_rate=schedule(state.step))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -164,10 +147,6 @@ def with_compression_ratio(config, ratio: float):
   config = ml_collections.ConfigDict(config.to_dict())
   config.model.token_merging.target_compression_ratio = ratio
   return config
-
-
-def optax_global_norm(tree):
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
 def parameter_overview(params) -> str:
@@ -210,21 +189,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   (the schedule still spans the configured total, so a restart continues the same run).
   """
   # ----- setup ---------------------------------------------------------------------------
-  config_lib.validate(config)
+  run_lib.validate(config, jax.device_count())
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
-  logging.info("Devices: %d (%d local) on %d process(es): %s", jax.device_count(),
-               jax.local_device_count(), jax.process_count(), jax.devices()[0].platform)
+  cache_dir = run_lib.enable_compilation_cache(config)
+  logging.info("Run directory: %s", workdir)
+  logging.info("Devices: %d (%d local) on %d process(es): %s; compilation cache: %s",
+               jax.device_count(), jax.local_device_count(), jax.process_count(),
+               jax.devices()[0].platform, cache_dir or "off")
 
   # ----- mesh ----------------------------------------------------------------------------
   mesh = sharding.make_mesh(config.mesh)
   logging.info("Mesh: %s", dict(mesh.shape))
   data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
-  if config.data.batch_size % data_parallel:
-    raise config_lib.ConfigError(
-        f"config.data.batch_size={config.data.batch_size} is not divisible by the "
-        f"data-parallel mesh size data*fsdp={data_parallel}.")
 
   # ----- input ---------------------------------------------------------------------------
   if is_main:
@@ -232,10 +210,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   sync_processes("dataset_ready")
   train_split = data_lib.load_split(config, "training")
   val_split = data_lib.load_split(config, "validation")
+  logging.info("Data: %d training and %d validation videos from %s.", len(train_split),
+               len(val_split), os.path.abspath(config.data.dir))
   vocabs = load_or_build_vocabularies(train_split, workdir, config)
-  config = prepare_config(config, vocabs)
+  config = run_lib.fill_from_vocabularies(config, vocabs)
   if is_main:
-    _write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    _write_json(run_lib.config_path(workdir), config.to_dict())
   total_steps = total_train_steps(config, len(train_split))
   make_iterator = (segments_lib.make_streaming_train_iterator
                    if streaming.trains_with_memory(config) else data_lib.make_train_iterator)
@@ -273,8 +253,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     state = restored
     logging.info("Resumed from %s/%d.", ckpt.directory, step)
   elif config.get("init_from"):
-    state = state.replace(params=load_pretrained(config.init_from, state.params,
-                                                 abstract_state.params))
+    params, report = run_lib.init_from(config.init_from, state.params, abstract_state.params)
+    state = state.replace(params=params)
+    if is_main:
+      _write_json(os.path.join(workdir, "init_report.json"), report)
   start_step = int(state.step)
 
   # ----- evaluation ----------------------------------------------------------------------
@@ -305,7 +287,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if ratio not in steps_by_ratio:  # A new curriculum stage: compile its step once.
           config_r = with_compression_ratio(config, ratio)
           steps_by_ratio[ratio] = make_train_step(
-              config_r, streaming.build_model(config_r), run.tx, run.schedule,
+              config_r, run_lib.build_model(config_r), run.tx, run.schedule,
               run.state_shardings, mesh)
         state, metrics = steps_by_ratio[ratio](state, batch, train_rng, merge_weights)
         if merge_weights is not None:
@@ -345,26 +327,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if is_main:
     _write_json(os.path.join(workdir, "final_metrics.json"), dict(step=step, **eval_scalars))
   return eval_scalars
-
-
-def load_pretrained(init_from: str, params, abstract_params):
-  """Parameters from another run's checkpoint (`WORKDIR` or `WORKDIR:STEP`), where they fit.
-
-  Entries whose path and shape match are taken; the rest keep their fresh initialisation
-  (a new head, say), and both lists are logged.
-  """
-  path, _, step = init_from.partition(":")
-  ckpt = Checkpointer(path, read_only=True, async_save=False)
-  step = ckpt.resolve(step or "latest")
-  restored = ckpt.restore_params(step, abstract_params)
-  taken, kept = [], []
-  def pick(kp, new, old):
-    (taken if new.shape == old.shape else kept).append(jax.tree_util.keystr(kp))
-    return new if new.shape == old.shape else old
-  merged = jax.tree_util.tree_map_with_path(pick, restored, params)
-  logging.info("init_from %s step %d: %d tensors loaded, %d kept fresh.", path, step,
-               len(taken), len(kept))
-  return merged
 
 
 def load_or_build_vocabularies(train_split, workdir: str, config):

@@ -1,6 +1,6 @@
 """Pieces every attention family shares: head projections and masks.
 
-Call contract for every attention class (see DESIGN.md):
+Call contract for every attention class (see docs/design.md):
   module(x, mask=None, *, key_bias=None, domain=None, deterministic=True) -> (B, N, D)
     x:        (B, N, D) tokens.
     mask:     (B, N) bool, True for a real token. Padded tokens never influence real ones.

@@ -87,15 +87,6 @@ def grid_positions(p: int, dim: int) -> jax.Array:
                           sinusoidal_positions(idx % (p // h), dim - dim // 2)], axis=-1)
 
 
-def sigmoid_focal_loss(logits, targets, alpha: float = 0.25, gamma: float = 2.0):
-  """Elementwise focal loss -alpha_t (1 - p_t)^gamma log p_t (Lin et al. 2017, eq. 5)."""
-  p = jax.nn.sigmoid(logits)
-  ce = optax.sigmoid_binary_cross_entropy(logits, targets)
-  p_t = p * targets + (1 - p) * (1 - targets)
-  alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
-  return alpha_t * (1 - p_t) ** gamma * ce
-
-
 def segment_diou_loss(pred, target):
   """1 - IoU + (centre distance / enclosing length)^2 for 1-D segments around a shared point.
 
@@ -127,7 +118,7 @@ def detection_loss(logits, offsets, batch, *, loss: str = "focal", focal_alpha: 
   num_pos = jnp.maximum(pos.sum(), 1.0)
   logits = logits.astype(jnp.float32)
   if loss == "focal":
-    cls = sigmoid_focal_loss(logits, targets, focal_alpha, focal_gamma)
+    cls = optax.sigmoid_focal_loss(logits, targets, alpha=focal_alpha, gamma=focal_gamma)
   elif loss == "bce":
     cls = optax.sigmoid_binary_cross_entropy(logits, targets)
   else:

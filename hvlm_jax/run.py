@@ -1,0 +1,298 @@
+"""The run setup every entry point shares (train, evaluate, predict): one config, one model.
+
+    config = run.load_run_config(workdir, overrides)   # evaluate / predict: the run's own config
+    run.validate(config, jax.device_count())            # every key, before any data is read
+    model = run.build_model(config)
+    abstract, shardings = run.abstract_params(model, example, mesh)
+    params = run.restore_params(checkpointer, step, model, example, mesh)
+
+The trainer writes `WORKDIR/config.json` (the config with the data-dependent head sizes
+filled in) and `WORKDIR/vocabularies.json`; after training they are the source of truth:
+evaluation and prediction start from them and apply only explicit overrides, logged.
+Layering (docs/design.md): config.py (leaf) <- models, data <- sharding, checkpoint, run <-
+train, eval, predict. This module imports neither train/ nor eval/.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import linen as nn
+
+from hvlm_jax import data as data_lib
+from hvlm_jax import sharding
+from hvlm_jax.checkpoint import CheckpointMismatchError, Checkpointer, abstract_with_shardings
+from hvlm_jax.config import ConfigError, apply_overrides
+from hvlm_jax.data import validation as data_validation
+from hvlm_jax.models import attention as attention_lib
+from hvlm_jax.models import model as model_lib
+from hvlm_jax.models import streaming
+from hvlm_jax.models.token_merging import MergingSpec, merge_schedule
+
+# Keys that change the data a run reads; overriding them at evaluation is allowed but stated.
+DATA_SOURCE_KEYS = ("data.name", "data.dir", "data.input", "data.cache_dir")
+# training.finetune -> which parameters train (names of hvlm_jax.models.domain.lora modes).
+FINETUNE_MODES = ("full", "lora", "lora_only")
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                  "everything_saveable")
+
+
+# ----- validation ------------------------------------------------------------------------------
+def token_grid(config) -> tuple[int, int]:
+  """(time steps T', tokens per frame P) of the encoder's token grid for this config."""
+  t, p, q = config.model.tubelet_size
+  frames, size = config.data.video.num_frames, config.data.video.frame_size
+  if config.data.get("input", "video") == "features":
+    return frames, 1
+  return frames // t, (size // p) * (size // q)
+
+
+def validate(config, num_devices: int, *, training: bool = True) -> None:
+  """Every component checks its own keys; the first mistake is one ConfigError naming the key
+  and the allowed values. Call before touching data or devices. `training=False` (evaluate,
+  predict) skips the checks of the training batch against the mesh."""
+  _positive(config, "model.hidden_size", "model.num_layers", "model.num_attention_heads",
+            "model.mlp_dim")
+  steps, per_frame = token_grid(config)
+  attention_lib.validate_config(config.model.attention, per_frame)
+  model_lib.check_model_config(config.model)
+  model_lib.check_encoder_config(config.model, config.data.video)
+  spec = MergingSpec.from_config(config.model.token_merging)
+  if spec is not None:
+    merge_schedule(steps * per_frame, config.model.num_layers, spec.target_compression_ratio,
+                   spec.schedule, spec.protect_fraction)
+  streaming.streaming_options(config.model)
+  data_validation.validate_config(config)
+  if config.model.domain_modules.num_domains != len(config.data.domains):
+    raise ConfigError(f"config.model.domain_modules.num_domains="
+                      f"{config.model.domain_modules.num_domains} must equal the number of "
+                      f"config.data.domains ({len(config.data.domains)}).")
+  _validate_training(config)
+  mesh = sharding.mesh_sizes(config.mesh, num_devices)
+  data_parallel = mesh["data"] * mesh["fsdp"]
+  if training and config.data.batch_size % data_parallel:
+    raise ConfigError(f"config.data.batch_size={config.data.batch_size} is not divisible by "
+                      f"the data-parallel mesh size data*fsdp={data_parallel}.")
+
+
+def _positive(config, *keys: str):
+  for key in keys:
+    value = _get(config, key)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+      raise ConfigError(f"config.{key}={value!r} must be a positive number.")
+
+
+def _get(config, dotted: str):
+  node = config
+  for name in dotted.split("."):
+    node = node[name]
+  return node
+
+
+def _validate_training(config) -> None:
+  tr = config.training
+  if tr.num_steps < 0 or tr.num_epochs < 0 or (tr.num_steps <= 0 and tr.num_epochs <= 0):
+    raise ConfigError("Set config.training.num_steps or config.training.num_epochs above 0 "
+                      f"(got {tr.num_steps} and {tr.num_epochs}).")
+  lr = tr.learning_rate
+  if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+    raise ConfigError(f"config.training.learning_rate={lr!r} must be a finite number > 0.")
+  for key in ("weight_decay", "gradient_clip", "warmup_steps"):
+    value = tr[key]
+    if not math.isfinite(value) or value < 0:
+      raise ConfigError(f"config.training.{key}={value!r} must be a finite number >= 0.")
+  for task, w in tr.loss_weights.items():
+    if not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+      raise ConfigError(f"config.training.loss_weights.{task}={w!r} must be a finite "
+                        "number >= 0.")
+  if tr.mixed_precision not in (True, False):
+    raise ConfigError("config.training.mixed_precision must be true or false.")
+  if tr.remat_policy not in REMAT_POLICIES:
+    raise ConfigError(f"config.training.remat_policy={tr.remat_policy!r} is not one of "
+                      f"{', '.join(REMAT_POLICIES)}.")
+  if (tr.get("finetune", "full") or "full") not in FINETUNE_MODES:
+    raise ConfigError(f"config.training.finetune={tr.finetune!r} is not one of "
+                      f"{', '.join(FINETUNE_MODES)}.")
+  if tr.best_mode not in ("min", "max"):
+    raise ConfigError(f"config.training.best_mode={tr.best_mode!r} is not min or max.")
+  for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+              "gradient_accumulation_steps", "compression_stages"):
+    if tr[key] < 1:
+      raise ConfigError(f"config.training.{key}={tr[key]} must be >= 1.")
+  for key in ("eval_every_steps", "eval_max_batches", "keep_best_checkpoints",
+              "compression_warmup_steps", "saliency_start_step"):
+    if tr[key] < 0:
+      raise ConfigError(f"config.training.{key}={tr[key]} must be >= 0.")
+
+
+INFERENCE_MESH = dict(data=-1, fsdp=1, tensor=1)
+
+
+# ----- the run's config ------------------------------------------------------------------------
+def config_path(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "config.json")
+
+
+def load_run_config(workdir: str, overrides: dict[str, Any] | None = None,
+                    ) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
+  """The config a run trained with (`WORKDIR/config.json`) plus explicit `overrides`
+  (dotted key -> value or command-line text). Returns (config, {overridden key: its value}),
+  and logs each override; overriding where the data comes from is stated as such.
+
+  Raises:
+    FileNotFoundError: when `workdir` is not a training run directory.
+    ConfigError: for a config.json that does not parse, or an unknown override key.
+  """
+  path = config_path(workdir)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} not found: --workdir must be a training run directory "
+                            "(it holds config.json, vocabularies.json and checkpoints).")
+  try:
+    with open(path) as f:
+      config = ml_collections.ConfigDict(_tuples(json.load(f)))
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ConfigError(f"{path} is not valid JSON ({e}); it was written by the trainer, "
+                      "restore it from a backup or retrain.") from None
+  overrides = dict(overrides or {})
+  apply_overrides(config, overrides, source=f"Override of {path}")
+  changed = {}
+  for key in overrides:
+    value = _get(config, key)
+    changed[key] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+    kind = "data source " if key in DATA_SOURCE_KEYS else ""
+    logging.info("Run config %s: %soverride %s=%r.", path, kind, key, changed[key])
+  return config, changed
+
+
+def _tuples(obj):
+  """JSON lists back to the tuples config files use (ml_collections checks types)."""
+  if isinstance(obj, dict):
+    return {k: _tuples(v) for k, v in obj.items()}
+  if isinstance(obj, list):
+    return tuple(_tuples(v) for v in obj)
+  return obj
+
+
+def load_vocabularies(workdir: str) -> data_lib.Vocabularies:
+  path = os.path.join(os.path.abspath(workdir), "vocabularies.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} not found: --workdir must be a training run directory "
+                            "(it holds the vocabularies and checkpoints).")
+  try:
+    return data_lib.Vocabularies.load(path)
+  except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+    raise ConfigError(f"{path} is corrupt ({type(e).__name__}: {e}); it was written by the "
+                      "trainer from the training split, restore it or retrain.") from None
+
+
+def fill_from_vocabularies(config, vocabs) -> ml_collections.ConfigDict:
+  """A copy of `config` with the data-dependent sizes (classes, words, answers) of the heads."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  heads = config.model.heads
+  with config.ignore_type():
+    heads.num_classes = vocabs.num_actions
+    heads.vocab_size = vocabs.num_words
+    heads.num_answers = vocabs.num_answers
+  return config
+
+
+# ----- model and parameters --------------------------------------------------------------------
+def build_model(config) -> model_lib.HierarchicalVLM:
+  """The model of a config: a StreamingVLM when streaming is on (it is HierarchicalVLM on
+  clips), else HierarchicalVLM."""
+  return streaming.build_model(config)
+
+
+def init_fn(model, example: dict):
+  """rng -> boxed parameters (with logical axis names): the one `model.init` of the project."""
+  def init(rng):
+    params_rng, dropout_rng, features_rng = jax.random.split(rng, 3)
+    return model.init({"params": params_rng, "dropout": dropout_rng, "features": features_rng},
+                      example, train=False)["params"]
+  return init
+
+
+def abstract_params(model, example: dict, mesh) -> tuple[Any, Any]:
+  """(abstract parameters whose leaves carry their shardings on `mesh`, the shardings)."""
+  init = init_fn(model, example)
+  rng = jax.random.key(0)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.flax_logical_rules()):
+    boxed = jax.eval_shape(init, rng)
+    abstract = jax.eval_shape(lambda r: nn.meta.unbox(init(r)), rng)
+  shardings = sharding.tree_shardings(boxed, mesh)
+  return abstract_with_shardings(abstract, shardings), shardings
+
+
+def init_params(model, example: dict, mesh, rng):
+  """Fresh parameters, initialised straight into their shardings (never whole on one device)."""
+  init = init_fn(model, example)
+  _, shardings = abstract_params(model, example, mesh)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.flax_logical_rules()):
+    return jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(rng)
+
+
+def restore_params(ckpt: Checkpointer, step: int, model, example: dict, mesh):
+  """Parameters of checkpoint `step` placed on `mesh`. A checkpoint of a clip model restored
+  into a StreamingVLM gets a fresh memory reader (gate 0: outputs equal the clip model's)."""
+  target, _ = abstract_params(model, example, mesh)
+  try:
+    return ckpt.restore_params(step, target)
+  except CheckpointMismatchError:
+    if "memory_reader" not in target:
+      raise
+  params = ckpt.restore_params(step, {k: v for k, v in target.items() if k != "memory_reader"})
+  fresh = init_params(model, example, mesh, jax.random.key(0))
+  return streaming.add_memory_params(params, {"memory_reader": fresh["memory_reader"]})
+
+
+def init_from(source: str, params, abstract, *, workdir: str | None = None):
+  """`config.init_from`: parameters from another run's checkpoint (`WORKDIR` or
+  `WORKDIR:STEP`) where path and shape match, the rest kept fresh (both lists logged).
+  Returns (params, report), the report listing what was loaded and what stayed fresh."""
+  path, _, step = source.partition(":")
+  ckpt = Checkpointer(path, read_only=True, async_save=False)
+  step = ckpt.resolve(step or "latest")
+  restored = ckpt.restore_params(step, abstract)
+  taken, kept = [], []
+
+  def pick(kp, new, old):
+    (taken if new.shape == old.shape else kept).append(jax.tree_util.keystr(kp))
+    return new if new.shape == old.shape else old
+  merged = jax.tree_util.tree_map_with_path(pick, restored, params)
+  logging.info("init_from %s step %d: %d tensors loaded, %d kept fresh.", path, step,
+               len(taken), len(kept))
+  return merged, dict(source=source, step=int(step), loaded=taken, initialised=kept)
+
+
+def parameter_count(params) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+# ----- compilation cache -----------------------------------------------------------------------
+DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "hvlm_jax", "jax")
+
+
+def enable_compilation_cache(config=None) -> str | None:
+  """Turns on JAX's persistent compilation cache so a rerun skips compilation.
+
+  `config.compilation_cache`: "default" (`$HVLM_COMPILATION_CACHE` if set, else
+  ~/.cache/hvlm_jax/jax), a directory, or "off". Returns the directory, or None when off.
+  """
+  setting = str(config.get("compilation_cache", "default") if config is not None
+                else "default").strip()
+  if setting.lower() in ("", "off", "none", "false"):
+    return None
+  if setting == "default":
+    setting = os.environ.get("HVLM_COMPILATION_CACHE", DEFAULT_CACHE_DIR)
+  directory = os.path.abspath(os.path.expanduser(setting))
+  os.makedirs(directory, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return directory
