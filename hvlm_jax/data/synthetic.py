@@ -28,6 +28,8 @@ from typing import Any
 import av
 import numpy as np
 
+from hvlm_jax.data import footage
+
 VERSION = 3
 MARKER = "synthetic_dataset.json"
 SPLITS = ("training", "validation", "test")
@@ -191,19 +193,24 @@ def shape_coverage(shape: str, x: float, y: float, r: float, size: int) -> np.nd
   return np.clip(0.5 - sd, 0.0, 1.0)
 
 
-def render_clip(clip: dict, num_frames: int, fps: float, bg: np.ndarray) -> np.ndarray:
-  """Frames (num_frames, S, S, 3) uint8 of `clip`; frame i shows time i / fps."""
-  size = clip["frame_size"]
+def render_clip(clip: dict, num_frames: int, fps: float, bg: np.ndarray,
+                offset: float = 0.0) -> np.ndarray:
+  """Frames (num_frames, N, N, 3) uint8 of `clip` over bg (N, N, 3); frame i shows time i / fps.
+
+  N is normally the clip's frame_size; a larger canvas (the world of `footage`) draws the
+  scene `offset` px from its top-left corner.
+  """
+  size = bg.shape[0]
   actor, events = clip["objects"][0], clip["events"]
   frames = np.empty((num_frames, size, size, 3), np.uint8)
   static = bg.copy()
   for o in clip["objects"][1:]:
-    cov = shape_coverage(o["shape"], o["x"], o["y"], o["r"], size)[..., None]
+    cov = shape_coverage(o["shape"], o["x"] + offset, o["y"] + offset, o["r"], size)[..., None]
     static = static * (1 - cov) + np.array(COLORS[o["color"]], np.float32) * cov
-  step = 0.32 * size
+  step = 0.32 * clip["frame_size"]
   for i in range(num_frames):
     t = i / fps
-    x, y, r, alpha, mix = actor["x"], actor["y"], actor["r"], 1.0, 0.0
+    x, y, r, alpha, mix = actor["x"] + offset, actor["y"] + offset, actor["r"], 1.0, 0.0
     target = actor["shape"]
     for ev in events:
       p = float(np.clip((t - ev["start"]) / (ev["end"] - ev["start"]), 0.0, 1.0))
@@ -283,7 +290,6 @@ def questions(clip: dict, rng: np.random.Generator, max_questions: int = 4) -> l
                    DIRECTIONS[move["label"]][0])])
   if change:
     kinds.append([(f"what does the {a['color']} {a['shape']} turn into ?", change["target"])])
-  present = {(o["color"], o["shape"]) for o in objs}
   if rng.random() < 0.5:
     o = objs[rng.integers(len(objs))]
     kinds.append([(f"is there a {o['color']} {o['shape']} ?", "yes")])
@@ -300,12 +306,15 @@ def questions(clip: dict, rng: np.random.Generator, max_questions: int = 4) -> l
 
 def make_example(seed: int, split: str, index: int, settings: dict) -> dict[str, Any]:
   """Content, frames and annotation entries of one clip; a pure function of its arguments."""
-  rng = np.random.default_rng([seed, SPLITS.index(split) if split in SPLITS else 99, index])
+  rng = np.random.default_rng([seed, _split_code(split), index])
   duration = settings["num_frames"] / settings["fps"]
   clip = sample_clip(rng, frame_size=settings["frame_size"], duration=duration,
                      domains=settings["domains"], max_objects=settings["max_objects"])
-  bg = background(rng, clip["domain"], settings["frame_size"])
-  frames = render_clip(clip, settings["num_frames"], settings["fps"], bg)
+  if settings.get("footage"):  # Real-footage properties (footage.py): their own random stream.
+    frames = _film(clip, settings, np.random.default_rng([seed, _split_code(split), index, 1]))
+  else:
+    bg = background(rng, clip["domain"], settings["frame_size"])
+    frames = render_clip(clip, settings["num_frames"], settings["fps"], bg)
   vid = f"{split}_{index:05d}"
   base = dict(video_id=vid, domain=clip["domain"])
   return dict(
@@ -314,6 +323,22 @@ def make_example(seed: int, split: str, index: int, settings: dict) -> dict[str,
           dict(start=e["start"], end=e["end"], label=e["label"]) for e in clip["events"]]),
       video_qa=dict(base, qa_pairs=questions(clip, rng)),
       video_captioning=dict(base, captions=[caption(clip)]))
+
+
+def _split_code(split: str) -> int:
+  return SPLITS.index(split) if split in SPLITS else 99
+
+
+def _film(clip: dict, settings: dict, rng: np.random.Generator) -> np.ndarray:
+  """Frames (T, S, S, 3) uint8 of `clip` filmed with settings["footage"] (see footage.py)."""
+  options = footage.validate(settings["footage"])
+  size, num_frames = settings["frame_size"], settings["num_frames"]
+  margin = footage.world_margin(size, num_frames, options)
+  world = size + 2 * margin
+  bg = background(rng, clip["domain"], world)
+  bg = np.clip(bg + footage.texture(rng, world, options["texture"])[..., None], 0, 255)
+  worlds = render_clip(clip, num_frames, settings["fps"], bg, offset=margin)
+  return footage.shoot(worlds, size, options, rng)
 
 
 def _write_one(job) -> dict:
@@ -331,7 +356,9 @@ def settings_from_config(config) -> dict:
               num_videos={k: int(v) for k, v in dict(syn.num_videos).items()},
               frame_size=int(syn.frame_size), num_frames=int(syn.num_frames),
               fps=int(syn.fps), max_objects=int(syn.get("max_objects", 3)),
-              domains=[d for d in config.data.domains if d in DOMAINS] or list(DOMAINS))
+              domains=[d for d in config.data.domains if d in DOMAINS] or list(DOMAINS),
+              # Only when set, so datasets made without it keep their marker (and bytes).
+              **({"footage": footage.validate(syn.footage)} if syn.get("footage") else {}))
 
 
 def generate_dataset(root: str, settings: dict, *, num_processes: int | None = None,

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hvlm_jax.models.token_merging import camera
+
 # Rec. 601 luma weights.
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -267,18 +269,15 @@ def optical_flow(frames: jax.Array, **options) -> jax.Array:
 
 
 def motion_pairs(num_frames: int, tubelet_t: int) -> tuple[list[int], list[int]]:
-  """Static (prev, next) frame indices whose motion describes each tubelet time step.
+  """Static (prev, next) frame indices of the transitions that describe each tubelet step.
 
-  A tubelet of tubelet_t >= 2 frames uses its own consecutive pairs; with tubelet_t == 1 a
-  step t uses the pair (t, t+1) (the last step reuses the previous pair).
+  Step s covers frames [s t, (s + 1) t) and takes the t transitions that start in it: its
+  t - 1 inner ones and the one into the next step, so every transition of the clip counts.
+  The last step, which has no next frame when T = steps * t, repeats the clip's last
+  transition. Every step gets t pairs (a static shape); steps * t pairs in all.
   """
   steps = num_frames // tubelet_t
-  prev = []
-  for s in range(steps):
-    if tubelet_t >= 2:
-      prev += [s * tubelet_t + j for j in range(tubelet_t - 1)]
-    else:
-      prev.append(min(s, num_frames - 2))
+  prev = [min(s * tubelet_t + j, num_frames - 2) for s in range(steps) for j in range(tubelet_t)]
   return prev, [p + 1 for p in prev]
 
 
@@ -291,45 +290,72 @@ def pool_to_grid(maps: jax.Array, grid_hw: tuple[int, int]) -> jax.Array:
   return resize(maps, (gh, gw))
 
 
-def _gated_pair_flow(gray, prev, nxt, grid_hw, cells_per_token, change_floor, flow_options):
-  """Flow of the (prev, nxt) frame pairs of grey clips (B, T, H, W), computed on frames resized
-  to grid * cells_per_token per side, in input-frame pixels, gated by visible change.
+def _gated_pair_flow(gray, prev, grid_hw, cells_per_token, change_floor, flow_options,
+                     camera_compensation=False):
+  """Flow of the (prev, prev + 1) frame pairs of grey clips (B, T, H, W), computed once per
+  distinct transition on frames resized to grid * cells_per_token per side, in input-frame
+  pixels, relative to the camera when `camera_compensation` (camera.residual_motion), and
+  gated by visible change.
 
   LK keeps the coarse-level estimate where there is no texture, which smears an object's
   motion over a flat background; flow counts fully where the locally blurred |nxt - prev|
-  reaches `change_floor`, proportionally below it. Returns flow (B * pairs, h', w', 2) and
-  |nxt - prev| (B * pairs, h', w') at that resolution.
+  reaches `change_floor`, proportionally below it. Returns flow (B, len(prev), h', w', 2)
+  and |nxt - prev| (B, len(prev), h', w') at that resolution.
   """
-  w = gray.shape[-1]
+  b, w = gray.shape[0], gray.shape[-1]
   size = (grid_hw[0] * cells_per_token, grid_hw[1] * cells_per_token)
   small = resize(gray, size) if size[0] < gray.shape[-2] else gray
-  p, q = small[:, jnp.asarray(prev)], small[:, jnp.asarray(nxt)]
-  p, q = p.reshape(-1, *small.shape[-2:]), q.reshape(-1, *small.shape[-2:])
+  distinct = sorted(set(prev))
+  first = jnp.asarray(distinct)
+  p = small[:, first].reshape(-1, *small.shape[-2:])
+  q = small[:, first + 1].reshape(-1, *small.shape[-2:])
   diff = jnp.abs(q - p)
   gate = jnp.clip(gaussian_blur(diff, 1.0) / change_floor, 0.0, 1.0)
-  scale = w / small.shape[-1]
-  return flow_pairs(p, q, **(flow_options or {})) * (gate * scale)[..., None], diff
+  fl = flow_pairs(p, q, **(flow_options or {}))
+  if camera_compensation:
+    fl = camera.residual_motion(fl)
+  fl = fl * (gate * (w / small.shape[-1]))[..., None]
+  pick = jnp.asarray([distinct.index(i) for i in prev])
+  return (fl.reshape(b, len(distinct), *fl.shape[1:])[:, pick],
+          diff.reshape(b, len(distinct), *diff.shape[1:])[:, pick])
+
+
+def robust_scores(m: jax.Array, floor: float) -> jax.Array:
+  """(B, N) non-negative motion -> (B, N) scores m^2 / (m^2 + s^2) in [0, 1).
+
+  s = max(median over the sample's N tokens, floor): a score is 0.5 where a token moves as
+  much as a typical token of its clip (or `floor`, when most of the clip is still). Unlike
+  division by the clip's maximum, a few outlier tokens cannot squash every other score, and
+  the order of the tokens (what `protect_fraction` keeps) is the order of m.
+  """
+  s = jnp.maximum(jnp.median(m, axis=1, keepdims=True), floor)
+  return m * m / (m * m + s * s)
 
 
 def token_motion(clip: jax.Array, tubelet: tuple[int, int, int], *, source: str = "flow",
                  cells_per_token: int = 4, min_motion: float = 0.5,
                  min_difference: float = 0.05, change_floor: float = 0.02,
+                 camera_compensation: bool = True,
                  flow_options: dict | None = None) -> jax.Array:
-  """Per-token motion score in [0, 1] on the tubelet grid, normalised per sample.
+  """Per-token motion score in [0, 1) on the tubelet grid (`robust_scores` per sample).
 
   Args:
     clip: (B, T, H, W, C) uint8 or float in [0, 1].
     tubelet: (t, p, q) tubelet size; the grid is (T/t, H/p, W/q).
     source: "flow" (mean optical-flow magnitude, in pixels of the input frame, over the
-      token's patch and frame pairs, gated by visible change) or "frame_difference" (mean |frame[t+1] - frame[t]|
-      of the patch, in [0, 1] intensity).
+      token's patch and its `motion_pairs` transitions, gated by visible change) or
+      "frame_difference" (mean |frame[t+1] - frame[t]| of the patch, in [0, 1] intensity).
     cells_per_token: flow is computed on frames resized to (grid * cells_per_token) per side.
-    min_motion: the flow score is m / max(max_sample(m), min_motion) (pixels), so a static
-      clip with sub-threshold noise scores near 0 instead of being stretched to [0, 1].
+    min_motion: the `robust_scores` floor for "flow" (pixels): a clip whose tokens move less
+      than this scores near 0 instead of being stretched to [0, 1].
     min_difference: the same floor for "frame_difference" (intensity in [0, 1]).
     change_floor: flow counts fully where the locally blurred |frame[t+1] - frame[t]| reaches
       this intensity, proportionally below it, and not at all where nothing changes.
-    flow_options: passed to `flow_pairs`.
+    camera_compensation: "flow" only: score the motion relative to the dominant (camera)
+      motion of each frame pair (`camera.dominant_motion`, a robust affine fit), so a pan or
+      zoom does not make the background look like it moves.
+    flow_options: passed to `flow_pairs`; a key "camera_compensation" in it overrides the
+      argument (so one options dict from the config carries both).
 
   Returns:
     (B, T/t * H/p * W/q) float32, time-major (token index = time * P + space).
@@ -337,23 +363,23 @@ def token_motion(clip: jax.Array, tubelet: tuple[int, int, int], *, source: str 
   b, t, h, w, _ = clip.shape
   tt, ph, pw = tubelet
   gt, gh, gw = t // tt, h // ph, w // pw
+  options = dict(flow_options or {})
+  camera_compensation = bool(options.pop("camera_compensation", camera_compensation))
   prev, nxt = motion_pairs(t, tt)
-  pairs_per_step = len(prev) // gt
   gray = to_gray(clip)  # (B, T, H, W)
   if source == "flow":
-    fl, _ = _gated_pair_flow(gray, prev, nxt, (gh, gw), cells_per_token, change_floor,
-                             flow_options)
+    fl, _ = _gated_pair_flow(gray, prev, (gh, gw), cells_per_token, change_floor, options,
+                             camera_compensation)
     mag = jnp.sqrt((fl ** 2).sum(-1) + 1e-12)
   elif source == "frame_difference":
     mag = jnp.abs(gray[:, jnp.asarray(nxt)] - gray[:, jnp.asarray(prev)])
   else:
     raise ValueError(f"Unknown motion source {source!r} (config.model.token_merging."
                      f"motion_source); expected 'flow' or 'frame_difference'.")
-  mag = mag.reshape(b, gt, pairs_per_step, *mag.shape[-2:]).mean(2)
+  mag = mag.reshape(b, gt, tt, *mag.shape[-2:]).mean(2)
   m = pool_to_grid(mag, (gh, gw)).reshape(b, gt * gh * gw)
   m = jax.lax.stop_gradient(m)
-  floor = min_motion if source == "flow" else min_difference
-  return m / jnp.maximum(m.max(axis=1, keepdims=True), floor)
+  return robust_scores(m, min_motion if source == "flow" else min_difference)
 
 
 def token_flow_features(clip: jax.Array, tubelet: tuple[int, int, int], *,
@@ -363,10 +389,11 @@ def token_flow_features(clip: jax.Array, tubelet: tuple[int, int, int], *,
   """Per-token optical-flow descriptors: a motion input stream for the encoder.
 
   The two-stream idea (Simonyan & Zisserman 2014) at token granularity: the flow of each
-  tubelet's frame pairs (as in `token_motion`), gated by visible change, is averaged over a
-  `cells_per_side`^2 sub-grid of the token's patch, so a token carries which way its content
-  moves (dx, dy per cell; a sub-grid also shows expansion and rotation), plus the mean
-  |frame difference| per cell (appearance change without displacement: fading, morphing).
+  tubelet's `motion_pairs` transitions (as in `token_motion`, not camera-compensated), gated
+  by visible change, is averaged over a `cells_per_side`^2 sub-grid of the token's patch, so
+  a token carries which way its content moves (dx, dy per cell; a sub-grid also shows
+  expansion and rotation), plus the mean |frame difference| per cell (appearance change
+  without displacement: fading, morphing).
 
   Args:
     clip: (B, T, H, W, C) uint8 or float in [0, 1].
@@ -388,14 +415,13 @@ def token_flow_features(clip: jax.Array, tubelet: tuple[int, int, int], *,
   if cells_per_token % c:
     raise ValueError(f"cells_per_token={cells_per_token} must be a multiple of "
                      f"cells_per_side={c} (config.model.motion_input).")
-  prev, nxt = motion_pairs(t, tt)
-  pairs_per_step = len(prev) // gt
-  fl, diff = _gated_pair_flow(to_gray(clip), prev, nxt, (gh, gw), cells_per_token,
-                              change_floor, flow_options)
-  maps = jnp.concatenate([fl, 10.0 * diff[..., None]], axis=-1)  # (N, h', w', 3)
-  maps = jnp.moveaxis(maps, -1, 1)  # (N, 3, h', w')
-  cells = pool_to_grid(maps, (gh * c, gw * c))  # (N, 3, gh*c, gw*c)
-  cells = cells.reshape(b, gt, pairs_per_step, 3, gh, c, gw, c).mean(2)
+  prev, _ = motion_pairs(t, tt)
+  fl, diff = _gated_pair_flow(to_gray(clip), prev, (gh, gw), cells_per_token, change_floor,
+                              flow_options)
+  maps = jnp.concatenate([fl, 10.0 * diff[..., None]], axis=-1)  # (B, K, h', w', 3)
+  maps = jnp.moveaxis(maps, -1, 2)  # (B, K, 3, h', w')
+  cells = pool_to_grid(maps, (gh * c, gw * c))  # (B, K, 3, gh*c, gw*c)
+  cells = cells.reshape(b, gt, tt, 3, gh, c, gw, c).mean(2)
   # -> (B, T', gh, gw, c, c, 3): per token, its c x c cells' (dx, dy, change).
   cells = cells.transpose(0, 1, 3, 5, 4, 6, 2).reshape(b, gt, gh * gw, c * c * 3)
   return jax.lax.stop_gradient(cells)
