@@ -65,18 +65,18 @@ def apply_hf_architecture(config, path: str, explicit_keys: set[str] = frozenset
   file = os.path.join(path, "config.json")
   for key, value in arch.items():
     current = _config_value(out, key)
-    if _same(current, value):
-      continue
-    if key in explicit:
+    changed = not _same(current, value)
+    if changed and key in explicit:
       raise PretrainedError(f"--config.{key}={current!r} contradicts the checkpoint {file}, "
                             f"which needs {key}={value!r}; drop the override or pick another "
                             "checkpoint.")
     parent, leaf = key.rsplit(".", 1)
     node = _get(out, parent)
-    with out.unlocked():
+    with out.unlocked():  # Set even when equal: the key may be absent (its default).
       node[leaf] = list(value) if isinstance(value, tuple) and isinstance(
           current, list) else value
-    logging.info("init_from hf: config.%s %r -> %r (from %s)", key, current, value, file)
+    if changed:
+      logging.info("init_from hf: config.%s %r -> %r (from %s)", key, current, value, file)
   return out
 
 
