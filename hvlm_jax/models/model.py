@@ -166,6 +166,28 @@ def text_heads(model_config) -> int:
   return model_config.heads.text.num_heads or model_config.num_attention_heads
 
 
+def build_encoder(cfg, dtype=jnp.float32, remat_policy: str | None = None,
+                  **overrides) -> VideoEncoder:
+  """The VideoEncoder of `config.model` (`cfg`); shared by HierarchicalVLM and the masked-video
+  pretraining model, so both name and shape the encoder's parameters identically."""
+  flow = cfg.token_merging.flow
+  kwargs = dict(
+      hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
+      num_heads=cfg.num_attention_heads, mlp_dim=cfg.mlp_dim,
+      tubelet_size=tuple(cfg.tubelet_size), attention_type=cfg.attention.type,
+      attention_options=attention_options(cfg), dropout_rate=cfg.dropout_rate,
+      lora=lora_spec(cfg), remat_policy=remat_policy,
+      token_merging=MergingSpec.from_config(cfg.token_merging),
+      motion_input=tuple(cfg.get("motion_input", ())), stem=str(cfg.get("stem", "patch")),
+      flow_options=tuple(sorted(dict(
+          levels=int(flow.levels), iterations=int(flow.iterations),
+          window_sigma=float(flow.window_sigma)).items())),
+      flow_cells_per_token=int(flow.cells_per_token), dtype=dtype,
+      param_dtype=jnp.dtype(cfg.param_dtype))
+  kwargs.update(overrides)
+  return VideoEncoder(**kwargs)
+
+
 class HierarchicalVLM(nn.Module):
   """The full model; `config` is the frozen `config.model` section."""
   config: ml_collections.FrozenConfigDict
@@ -177,18 +199,7 @@ class HierarchicalVLM(nn.Module):
     check_model_config(cfg)
     kw = dict(dtype=self.dtype, param_dtype=jnp.dtype(cfg.param_dtype))
     d, dm, h = cfg.hidden_size, cfg.domain_modules, cfg.heads
-    flow = cfg.token_merging.flow
-    self.encoder = VideoEncoder(
-        hidden_size=d, num_layers=cfg.num_layers, num_heads=cfg.num_attention_heads,
-        mlp_dim=cfg.mlp_dim, tubelet_size=tuple(cfg.tubelet_size),
-        attention_type=cfg.attention.type, attention_options=attention_options(cfg),
-        dropout_rate=cfg.dropout_rate, lora=lora_spec(cfg), remat_policy=self.remat_policy,
-        token_merging=MergingSpec.from_config(cfg.token_merging),
-        motion_input=tuple(cfg.get("motion_input", ())), stem=str(cfg.get("stem", "patch")),
-        flow_options=tuple(sorted(dict(
-            levels=int(flow.levels), iterations=int(flow.iterations),
-            window_sigma=float(flow.window_sigma)).items())),
-        flow_cells_per_token=int(flow.cells_per_token), **kw)
+    self.encoder = build_encoder(cfg, self.dtype, self.remat_policy)
     self.domain_router = (DomainRouter(dm.num_domains, dm.router.hidden_size,
                                        dm.router.pool_size, **kw) if uses_router(cfg) else None)
     self.domain_experts = None
