@@ -105,3 +105,32 @@ def test_unidirectional_mamba_is_causal_and_bidirectional_is_not():
     params = layer.init(jax.random.key(0), x)
     diff = np.abs(np.asarray(layer.apply(params, x) - layer.apply(params, x2)))[:, :15].max()
     assert (diff < 1e-6) == causal, (causal, diff)
+
+
+def test_chunked_scan_vjp_equals_autodiff_of_the_plain_recurrence():
+  """The hand-written backward of `chunked_scan` against JAX's autodiff of the recurrence
+  written as one lax.scan, in float64, with an initial state, a cotangent on the last state,
+  and several chunks."""
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(6)
+    f = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float64)
+    b, length, d, n, chunk = 2, 12, 5, 3, 4
+    args = (f(b, length, d), jnp.abs(f(b, length, d)) * 0.5, -jnp.exp(f(d, n) * 0.5),
+            f(b, length, n), f(b, length, n), f(b, d, n))
+
+    def plain(u, delta, A, B, C, h0):
+      def step(h, xs):
+        u_t, d_t, b_t, c_t = xs
+        h = jnp.exp(d_t[:, :, None] * A) * h + (d_t * u_t)[:, :, None] * b_t[:, None, :]
+        return h, jnp.einsum("bdn,bn->bd", h, c_t)
+      h, y = jax.lax.scan(step, h0, tuple(jnp.moveaxis(t, 1, 0) for t in (u, delta, B, C)))
+      return jnp.moveaxis(y, 0, 1), h
+
+    y_bar, h_bar = f(b, length, d), f(b, d, n)
+    loss = lambda fn: lambda *a: (jnp.sum(fn(*a)[0] * y_bar) + jnp.sum(fn(*a)[1] * h_bar))
+    ours = jax.grad(loss(lambda *a: mamba.chunked_scan(*a, chunk)), argnums=range(6))(*args)
+    ref = jax.grad(loss(plain), argnums=range(6))(*args)
+    np.testing.assert_allclose(mamba.chunked_scan(*args, chunk)[0], plain(*args)[0], rtol=1e-12)
+    for name, g, r in zip("u delta A B C h0".split(), ours, ref):
+      assert g.dtype == jnp.float64
+      np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-12, err_msg=name)
