@@ -186,12 +186,15 @@ class ConvStem(nn.Module):
 class VideoEncoder(nn.Module):
   """Clip -> tokens and per-time-step features.
 
-  Call: `(inputs, *, domain=None, deterministic=True, merge_weights=None) -> dict` where
-  `inputs` is a clip (B, T, H, W, C) (uint8 in [0, 255] or float in [0, 1]) or precomputed
+  Call: `(inputs, *, domain=None, deterministic=True, merge_weights=None, visible=None)
+  -> dict` where `inputs` is a clip (B, T, H, W, C) (uint8 in [0, 255] or float in [0, 1]) or precomputed
   features (B, T, F) (features mode: the tubelet embedding is replaced by a linear
   projection, one token per time step). `merge_weights`: optional (2,) or (B, 2) float
   runtime weights (motion, saliency) of merge importance; None takes the spec's use_motion /
-  use_saliency. Being traced values, changing them does not recompile. Returns
+  use_saliency. Being traced values, changing them does not recompile. `visible`: optional
+  (B, N_vis) int grid positions (time-major) the blocks see, the others dropped after the
+  position embeddings (masked-video pretraining; no merging); the output then holds only
+  tokens (B, N_vis, D), token_mask, grid (and cls). Returns
     tokens:        (B, N', D) final tokens; N' = N = T' * P without merging (T' = T / t,
                    P = (H / p) * (W / p)), N' = N - sum(r_l) with it.
     token_mask:    (B, N') bool.
@@ -244,19 +247,23 @@ class VideoEncoder(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, inputs, *, domain=None, deterministic=True, merge_weights=None):
+  def __call__(self, inputs, *, domain=None, deterministic=True, merge_weights=None,
+               visible=None):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.check_architecture()
     tokens, grid = self.embed(inputs)
     b, t, p, d = tokens.shape
     x, cls = self.add_positions(tokens)
+    if visible is not None:  # Masked-video pretraining: only these grid positions go in.
+      x = jnp.take_along_axis(x, visible[..., None].astype(jnp.int32), axis=1)
     if cls is not None:  # Last, so the grid tokens keep their time-major indices.
       x = jnp.concatenate([x, jnp.broadcast_to(cls, (b, 1, d))], axis=1)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
     n_cls = int(self.cls_token)
 
     spec = self.token_merging
-    merging = spec is not None and (inputs.ndim == 5 or spec.features_mode != "off")
+    merging = (spec is not None and visible is None
+               and (inputs.ndim == 5 or spec.features_mode != "off"))
     extras = {}
     if merging:
       rs = merging_lib.merge_schedule(t * p, self.num_layers, spec.target_compression_ratio,
@@ -302,6 +309,9 @@ class VideoEncoder(nn.Module):
     if n_cls:
       x, out["cls"] = x[:, :-n_cls], x[:, -1]
     mask = jnp.ones(x.shape[:2], bool)
+    if visible is not None:  # Tokens of the visible positions only: no grid to pool over.
+      out.update(tokens=x, token_mask=mask, grid=grid)
+      return out
     full = merging_lib.unmerge_to_grid(x, state.assignment) if merging else x
     time_features = full.reshape(b, t, p, d).mean(axis=2)
     if self.pooling == "mean":  # Mean over grid positions (size-weighted when merged).
