@@ -38,7 +38,12 @@ class MergingSpec:
   flow_levels: int = 3
   flow_iterations: int = 5
   flow_window_sigma: float = 2.0
+  # Less flow regularisation than `flow_pairs`'s default (4): the flow runs on frames already
+  # area-downsampled to cells_per_token per token (which averages noise), and a small flat
+  # object's motion smears less (tests/test_flow_real_footage.py).
+  flow_smooth_sigma: float = 2.0
   flow_cells_per_token: int = 4
+  camera_compensation: bool = True  # Motion relative to each frame pair's dominant motion.
   saliency_weights: tuple[tuple[str, float], ...] = (
       ("edge", 1.0), ("color_contrast", 1.0), ("spectral_residual", 1.0),
       ("center_prior", 0.5))
@@ -59,8 +64,10 @@ class MergingSpec:
 
   @property
   def flow_options(self) -> dict:
+    """Options of `flow.token_motion`'s flow: `flow_pairs` options and camera_compensation."""
     return dict(levels=self.flow_levels, iterations=self.flow_iterations,
-                window_sigma=self.flow_window_sigma)
+                window_sigma=self.flow_window_sigma, smooth_sigma=self.flow_smooth_sigma,
+                camera_compensation=self.camera_compensation)
 
   @classmethod
   def from_config(cls, tm) -> "MergingSpec | None":
@@ -102,6 +109,8 @@ class MergingSpec:
         min_motion=float(flow.get("min_motion", 0.5)),
         flow_levels=int(flow.get("levels", 3)), flow_iterations=int(flow.get("iterations", 5)),
         flow_window_sigma=float(flow.get("window_sigma", 2.0)),
+        flow_smooth_sigma=float(flow.get("smooth_sigma", 2.0)),
+        camera_compensation=bool(flow.get("camera_compensation", True)),
         flow_cells_per_token=int(flow.get("cells_per_token", 4)),
         saliency_weights=tuple(sorted((k, float(v)) for k, v in sal.items())),
         saliency_cells_per_token=cells, attention_weight=attention_weight,
