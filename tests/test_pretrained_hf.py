@@ -348,3 +348,18 @@ def test_apply_hf_architecture_replaces_config_keys(checkpoints, caplog):
   assert config.model.pooling == "cls" and config.model.layer_norm_epsilon == 1e-6
   assert config.model.pixel_mean == (0.75, 0.75, 0.75)  # HF's [-1, 1] rescale, then 0.5/0.5.
   assert "config.model.hidden_size 768 -> 32" in caplog.text
+
+
+def test_convert_checkpoint_hf_to_orbax_and_back_is_exact(checkpoints, tmp_path):
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+  from tools import convert_checkpoint
+  path, model = checkpoints["vivit_cls"]
+  report = convert_checkpoint.hf_to_orbax(path, str(tmp_path / "orbax"))
+  assert report["counts"] == dict(loaded=40, interpolated=0, ignored=0, newly_initialised=0)
+  convert_checkpoint.orbax_to_hf(str(tmp_path / "orbax"), str(tmp_path / "hf"))
+  original = load_file(os.path.join(path, "model.safetensors"))
+  back = load_file(str(tmp_path / "hf" / "model.safetensors"))
+  assert sorted(back) == sorted(original)
+  for name, value in original.items():
+    np.testing.assert_array_equal(back[name], value, err_msg=name)

@@ -130,13 +130,17 @@ def _paths(tree, prefix=()):
     yield prefix
 
 
-def load_hf_params(path: str, params, shardings, config) -> tuple[Any, dict]:
+def load_hf_params(path: str, params, shardings, config, *,
+                   progress=None) -> tuple[Any, dict]:
   """Replaces the encoder parameters of `params` (a HierarchicalVLM tree with an "encoder"
   subtree, unboxed, possibly sharded) by checkpoint `path`'s, placed into `shardings` (a tree
   like `params` of Shardings or of abstract arrays carrying `.sharding`; None: each fresh
   leaf's own sharding). Heads, adapters, experts stay as initialised; HF's classifier goes into
   `classification_head/logits` when config.model.heads.classification_pooling is "encoder"
   and the class counts agree.
+
+  `progress`: optional callable, called with each tensor name once it is placed (a tqdm bar
+  in tools/convert_checkpoint.py).
 
   Returns (params, report): report lists every checkpoint tensor as loaded, interpolated or
   ignored (with the reason) and every parameter left newly initialised; write it to
@@ -226,6 +230,8 @@ def load_hf_params(path: str, params, shardings, config) -> tuple[Any, dict]:
                      tuple(fresh.shape), src_grid, dst_grid)
       else:
         report["loaded"].append(dict(tensor=stored, param=where, shape=list(shape)))
+      if progress is not None:
+        progress(stored)
     for name in names:
       if name in used:
         continue
