@@ -15,8 +15,15 @@ frames of 14 x 14 patches). Per (variant, length):
   fwd_mb, fwdbwd_mb    compiled temporary memory (`memory_analysis().temp_size_in_bytes`).
   xla_gflops_*         `cost_analysis()["flops"]`. XLA counts a loop body once, so variants
                        built on lax.scan / lax.map (blocked, kernel, mamba) are undercounted.
-  model_gflops_fwd     analytic matmul (and scan) FLOPs of the forward; fwd+bwd is ~3x.
+  model_gflops_fwd     analytic matmul (and scan) FLOPs of the forward (hvlm_jax.train.perf.
+                       attention_flops); fwd+bwd counts 3x.
+  gflops_cpu_*         model GFLOP per CPU-second (fwd; fwd+bwd with 3x the FLOPs), and
+  matmul_frac_*        that rate as a fraction of the dense float32 matmul rate measured at
+                       the start of the same run, also per CPU-second (meta.matmul_*): near 1
+                       is matmul-bound, far below is memory- or loop-bound.
+  bwd_over_fwd_cpu     (fwd+bwd - fwd) / fwd CPU time: a backward normally costs ~2x.
   speedup_*, mem_ratio_*  full's time / the variant's, the variant's memory / full's.
+  load1, load5, load15 the machine's load averages (uptime) when the row was measured.
 Full attention whose compiled temporaries exceed `--max_memory_fraction` of the available
 RAM is compiled (memory and FLOPs are exact) but not run: its time is extrapolated from the
 largest measured length by the N^2 law and marked `estimated`. Writes <out>/results.csv,
@@ -42,6 +49,7 @@ from absl import app, flags  # noqa: E402
 
 from configs import base  # noqa: E402
 from hvlm_jax.models import attention  # noqa: E402
+from hvlm_jax.train import perf  # noqa: E402
 
 _OUT = flags.DEFINE_string("out", "benchmarks/attention", "Output directory.")
 _LENGTHS = flags.DEFINE_list("lengths", ["1568", "6272", "25088"], "Token counts.")
@@ -63,37 +71,21 @@ def options(name: str) -> dict:
 
 
 def model_gflops(name: str, n: int, d: int, h: int, opts: dict) -> float:
-  """Analytic forward FLOPs (2 per multiply-add) of one layer, projections included."""
-  proj = 8 * n * d * d  # q, k, v and out projections.
-  pad = lambda b: math.ceil(n / b) * b
-  if name == "full":
-    f = proj + 4 * n * n * d
-  elif name == "strided":
-    s = opts["stride"]
-    f = proj + 4 * pad(s) * d * (s * opts["local"] + pad(s) // s)
-  elif name == "local_global":
-    w, g = opts["window"], opts["num_global"] * math.ceil(n / opts["tokens_per_frame"])
-    f = proj + 4 * pad(w) * d * (3 * w + g) + 4 * g * n * d
-  elif name == "hierarchical":
-    w, sizes = opts["window"], tuple(opts["pool_sizes"])
-    n_pad = pad(math.lcm(w, sizes[-1]))
-    f = proj + 4 * n_pad * d * (3 * w * len(sizes) + n_pad // sizes[-1])
-  elif name == "cross_memory":
-    m = min(math.ceil(n / opts["pool_size"]), opts["capacity"])
-    f = 4 * n * d * d + 4 * m * d * d + 4 * n * m * d  # q, out on N; k, v on M entries.
-  elif name == "performer":
-    f = proj + 8 * n * opts["num_features"] * d
-  elif name == "linear":
-    f = proj + 4 * n * (d // h) * d
-  elif name == "mamba":
-    di, ns = opts["expand"] * d, opts["state_size"]
-    r = opts["dt_rank"] or math.ceil(d / 16)
-    per_direction = 2 * n * di * (r + 2 * ns) + 2 * n * r * di + 2 * n * di * opts["conv_size"]
-    per_direction += 7 * n * di * ns  # exp, decay, input, state update, readout.
-    f = 2 * n * d * 2 * di + 2 * n * di * d + (2 if opts["bidirectional"] else 1) * per_direction
-  else:
-    return float("nan")
-  return f / 1e9
+  """Analytic forward GFLOPs (2 per multiply-add) of one layer, projections included."""
+  return perf.attention_flops(name, n, d, h, opts) / 1e9
+
+
+def matmul_rate(size: int = 2048, repeats: int = 3) -> dict:
+  """Dense float32 (size^2 @ size^2) matmul rate, GFLOP per wall second and per CPU-second."""
+  gflops = perf.measure_matmul_rate(size, repeats)  # Wall rate, also compiles and warms up.
+  a = jnp.ones((size, size), jnp.float32)
+  matmul = jax.jit(jnp.matmul)
+  jax.block_until_ready(matmul(a, a))
+  c = time.process_time()
+  for _ in range(repeats):
+    jax.block_until_ready(matmul(a, a))
+  cpu = (time.process_time() - c) / repeats
+  return dict(matmul_gflops=gflops, matmul_gflops_cpu=2 * size ** 3 / cpu / 1e9)
 
 
 def available_bytes() -> int:
@@ -144,6 +136,9 @@ def main(argv):
       done = {(r["variant"], r["tokens"]): r for r in map(json.loads, fh)}
   elif os.path.exists(partial):
     os.remove(partial)
+  rate = matmul_rate()
+  print(f"dense f32 matmul: {rate['matmul_gflops']:.0f} GFLOP/s wall, "
+        f"{rate['matmul_gflops_cpu']:.0f} GFLOP per CPU-second", flush=True)
   rows = []
   for n in lengths:
     for name in names:
@@ -153,7 +148,7 @@ def main(argv):
           fh.write(json.dumps(row) + "\n")
       rows.append(row)
       gc.collect()
-  finish(rows, lengths)
+  finish(rows, lengths, rate)
 
 
 def measure(name: str, n: int) -> dict:
@@ -162,7 +157,7 @@ def measure(name: str, n: int) -> dict:
   nan = float("nan")
   row = dict(variant=name, tokens=n, frames=n // 196, **stats, fwd_s=nan, fwdbwd_s=nan,
              fwd_cpu_s=nan, fwdbwd_cpu_s=nan, estimated=False, note="",
-             load=os.getloadavg()[0])
+             **dict(zip(("load1", "load5", "load15"), os.getloadavg())))
   need = max(stats["fwd_mb"], stats["fwdbwd_mb"]) * 2 ** 20
   if need > _MAX_MEM.value * available_bytes():
     row["note"] = (f"not run: needs {need / 2 ** 30:.1f} GiB of temporaries, "
@@ -178,13 +173,14 @@ def measure(name: str, n: int) -> dict:
         cpu.append(time.process_time() - c)
       row[f"{tag}_s"] = statistics.median(wall)
       row[f"{tag}_cpu_s"] = statistics.median(cpu)
-  print(f"[{n}] {name}: fwd {row['fwd_s']:.3f}s fwd+bwd {row['fwdbwd_s']:.3f}s, temp "
-        f"{stats['fwd_mb']:.0f} / {stats['fwdbwd_mb']:.0f} MiB, load {row['load']:.1f} "
+  print(f"[{n}] {name}: fwd {row['fwd_s']:.3f}s fwd+bwd {row['fwdbwd_s']:.3f}s (CPU "
+        f"{row['fwd_cpu_s']:.2f} / {row['fwdbwd_cpu_s']:.2f}s), temp {stats['fwd_mb']:.0f} / "
+        f"{stats['fwdbwd_mb']:.0f} MiB, load {row['load1']:.1f} "
         f"{row['note']}", flush=True)
   return row
 
 
-def finish(rows, lengths):
+def finish(rows, lengths, rate):
   """Estimates skipped full-attention times, adds ratios, writes CSV / JSON / MD / PNG."""
   full = {r["tokens"]: r for r in rows if r["variant"] == "full"}
   measured = [n for n in lengths if n in full and not math.isnan(full[n]["fwd_s"])]
@@ -197,6 +193,10 @@ def finish(rows, lengths):
       r["note"] += f"; time estimated as N^2 from {ref['tokens']} tokens"
   for r in rows:
     f = full.get(r["tokens"])
+    r["bwd_over_fwd_cpu"] = (r["fwdbwd_cpu_s"] - r["fwd_cpu_s"]) / r["fwd_cpu_s"]
+    for tag, mult in (("fwd", 1), ("fwdbwd", 3)):
+      r[f"gflops_cpu_{tag}"] = mult * r["model_gflops_fwd"] / r[f"{tag}_cpu_s"]
+      r[f"matmul_frac_{tag}"] = r[f"gflops_cpu_{tag}"] / rate["matmul_gflops_cpu"]
     for tag in ("fwd", "fwdbwd"):
       r[f"speedup_{tag}"] = f[f"{tag}_s"] / r[f"{tag}_s"] if f else float("nan")
       r[f"cpu_speedup_{tag}"] = f[f"{tag}_cpu_s"] / r[f"{tag}_cpu_s"] if f else float("nan")
@@ -215,40 +215,47 @@ def finish(rows, lengths):
     writer.writeheader()
     writer.writerows(rows)
   meta = dict(device=str(jax.devices()[0]), cpus=os.cpu_count(), width=_WIDTH.value,
-              note="Timings on a CPU shared with other jobs; 'load' is the 1-min load average.",
-              heads=_HEADS.value, batch=1, dtype="float32", repeats=_REPEATS.value,
+              note="Timings on a CPU shared with other jobs; load1/5/15 are its load averages.",
+              heads=_HEADS.value, batch=1, dtype="float32", repeats=_REPEATS.value, **rate,
               command=" ".join(sys.argv), options={n: options(n) for n in _VARIANTS.value})
   with open(os.path.join(out, "results.json"), "w") as fh:
     json.dump(dict(meta=meta, rows=rows), fh, indent=1, default=str)
-  table = markdown(rows, lengths)
+  table = markdown(rows, lengths, rate)
   with open(os.path.join(out, "results.md"), "w") as fh:
     fh.write(table)
   print(table)
   plot(rows, os.path.join(out, "attention.png"))
 
 
-def markdown(rows, lengths) -> str:
-  head = ("| variant | tokens | fwd s | fwd+bwd s | speedup fwd / fwd+bwd (wall) | "
-          "fwd+bwd CPU s | speedup fwd / fwd+bwd (CPU) | fwd MiB | fwd+bwd MiB | "
-          "mem ratio fwd / fwd+bwd | model GFLOP fwd | XLA GFLOP fwd | load | note |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+def markdown(rows, lengths, rate) -> str:
+  head = (f"Dense f32 matmul in this run: {rate['matmul_gflops']:.0f} GFLOP/s wall, "
+          f"{rate['matmul_gflops_cpu']:.0f} GFLOP per CPU-second. CPU time is the primary "
+          "measure; GFLOP/CPU-s uses model FLOPs (fwd+bwd = 3x fwd).\n\n"
+          "| variant | tokens | fwd CPU s | fwd+bwd CPU s | bwd / fwd (CPU) | "
+          "speedup fwd / fwd+bwd (CPU) | fwd s | fwd+bwd s | speedup fwd / fwd+bwd (wall) | "
+          "GFLOP/CPU-s fwd / fwd+bwd | of matmul rate fwd / fwd+bwd | fwd MiB | fwd+bwd MiB | "
+          "mem ratio fwd / fwd+bwd | model GFLOP fwd | XLA GFLOP fwd | load 1/5/15 | note |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
   lines = []
   for r in sorted(rows, key=lambda r: (r["tokens"], r["variant"] != "full", r["variant"])):
     est = " (est.)" if r["estimated"] else ""
     lines.append(
-        f"| {r['variant']} | {r['tokens']} | {r['fwd_s']:.3f}{est} | {r['fwdbwd_s']:.3f}{est} | "
-        f"{r['speedup_fwd']:.1f}x / {r['speedup_fwdbwd']:.1f}x | "
-        f"{r['fwdbwd_cpu_s']:.2f}{est} | "
+        f"| {r['variant']} | {r['tokens']} | {r['fwd_cpu_s']:.2f}{est} | "
+        f"{r['fwdbwd_cpu_s']:.2f}{est} | {r['bwd_over_fwd_cpu']:.1f}x | "
         f"{r['cpu_speedup_fwd']:.1f}x / {r['cpu_speedup_fwdbwd']:.1f}x | "
+        f"{r['fwd_s']:.3f}{est} | {r['fwdbwd_s']:.3f}{est} | "
+        f"{r['speedup_fwd']:.1f}x / {r['speedup_fwdbwd']:.1f}x | "
+        f"{r['gflops_cpu_fwd']:.0f} / {r['gflops_cpu_fwdbwd']:.0f} | "
+        f"{r['matmul_frac_fwd']:.0%} / {r['matmul_frac_fwdbwd']:.0%} | "
         f"{r['fwd_mb']:.0f} | {r['fwdbwd_mb']:.0f} | "
         f"{r['mem_ratio_fwd']:.3f} / {r['mem_ratio_fwdbwd']:.3f} | "
-        f"{r['model_gflops_fwd']:.1f} | {r['xla_gflops_fwd']:.1f} | {r['load']:.1f} | "
-        f"{r['note'].strip('; ')} |")
+        f"{r['model_gflops_fwd']:.1f} | {r['xla_gflops_fwd']:.1f} | "
+        f"{r['load1']:.1f} / {r['load5']:.1f} / {r['load15']:.1f} | {r['note'].strip('; ')} |")
   growth = ""
   if len(lengths) > 1:
-    growth = (f"\nfwd+bwd growth {lengths[-2]} -> {lengths[-1]} tokens (wall / CPU): " +
-              ", ".join(f"{r['variant']} {r['growth_fwdbwd_last']:.2f}x / "
-                        f"{r['cpu_growth_fwdbwd_last']:.2f}x"
+    growth = (f"\nfwd+bwd growth {lengths[-2]} -> {lengths[-1]} tokens (CPU / wall): " +
+              ", ".join(f"{r['variant']} {r['cpu_growth_fwdbwd_last']:.2f}x / "
+                        f"{r['growth_fwdbwd_last']:.2f}x"
                         for r in rows if r["tokens"] == lengths[-1]) + "\n")
   return head + "\n".join(lines) + "\n" + growth
 
