@@ -18,4 +18,5 @@ flags.FLAGS.mark_as_parsed()
 # Identical programs compiled by several tests (or test subprocesses) are compiled once.
 _CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".jax_cache")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.abspath(_CACHE))
+os.environ.setdefault("HVLM_COMPILATION_CACHE", os.path.abspath(_CACHE))  # run.py's default.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
