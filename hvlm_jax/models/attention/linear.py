@@ -32,6 +32,19 @@ from hvlm_jax.models.layers import Dtype
 STREAM_CHUNK = 512  # Tokens per step of the bidirectional passes (keeps each step in cache).
 
 
+def _divide(num, den, eps_den):
+  """num (..., Dh) / (den + eps_den) (...), and 0 for a query that sees no real key.
+
+  den >= 0. When every key a query sees is padding, num and den are 0; Performer's eps_den
+  (1e-30) would then make the backward pass divide by 1e-60, which underflows to 0 in
+  float32 and turns 0 / 0 into NaN for every shared parameter of the batch. Such queries
+  (den + eps_den <= 1e-30) give 0 without dividing at all, in both passes.
+  """
+  den = den + eps_den
+  ok = den > 1e-30
+  return jnp.where(ok[..., None], num / jnp.where(ok, den, 1.0)[..., None], 0.0)
+
+
 def kernel_attention(q, k, v, features, log_w=None, *, causal: bool = False,
                      eps_k: float = 0.0, eps_den: float = 0.0, chunk_size: int = 64):
   """Normalised kernel attention with stabilised key scales, streamed in chunks.
@@ -43,7 +56,8 @@ def kernel_attention(q, k, v, features, log_w=None, *, causal: bool = False,
     log_w: (B, N) float32 log key weight (key_bias; NEG at padding) or None. Key j's features
       are multiplied by exp(log_w_j); its eps term by the same weight.
     eps_k: added to every key feature (relative to the stabilised scale), as in FAVOR+.
-    eps_den: added to the denominator, as in linear attention.
+    eps_den: added to the denominator, as in linear attention. A query that sees no real
+      key (its whole example masked, or only padding before it in causal mode) gives 0.
     chunk_size: tokens per step of the causal scan (exact c x c attention inside a chunk).
   Returns:
     (B, N, H, Dh) float32. Time O(N m (d + Dh) H) (+ O(N c m H) causal). Memory O(c m H) per
@@ -102,7 +116,7 @@ def kernel_attention(q, k, v, features, log_w=None, *, causal: bool = False,
     @jax.checkpoint
     def query_step(qq):
       num, den = read(carry, features(qq, True)[0], jnp.ones(qq.shape[:3], jnp.float32))
-      return num / (den + eps_den)[..., None]
+      return _divide(num, den, eps_den)
 
     out = jax.lax.map(query_step, qs)
   else:
@@ -124,7 +138,7 @@ def kernel_attention(q, k, v, features, log_w=None, *, causal: bool = False,
                               * ww[:, None, None, :], 0.0)
       num = num + jnp.einsum("bhij,bjhd->bihd", att, vv)
       den = den + att.sum(-1).transpose(0, 2, 1)
-      return absorb(carry, f, s, vv, ww, c_i[:, -1]), num / (den + eps_den)[..., None]
+      return absorb(carry, f, s, vv, ww, c_i[:, -1]), _divide(num, den, eps_den)
 
     _, out = jax.lax.scan(step, init, (qs, ks, vs, lws))
   return jnp.moveaxis(out, 0, 1).reshape(b, -1, h, dh)[:, :n]

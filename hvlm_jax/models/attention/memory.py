@@ -62,7 +62,11 @@ def compress_memory(bank: jax.Array, bank_mask: jax.Array, capacity: int,
     take = lambda x, idx: jnp.take_along_axis(x, idx, axis=1)
     s_i, s_j = take(sizes, i), take(sizes, i + 1)
     x_i, x_j = take(bank, i[..., None]), take(bank, i[..., None] + 1)
-    merged = (x_i * s_i[..., None] + x_j * s_j[..., None]) / (s_i + s_j)[..., None]
+    # An empty bank (count 0, sizes 0) computes a merge it then discards (`do` below); a
+    # positive divisor keeps that 0 / 0 out of the gradient (where() passes NaN through).
+    total = s_i + s_j
+    merged = (x_i * s_i[..., None] + x_j * s_j[..., None]) / jnp.where(total > 0, total,
+                                                                         1.0)[..., None]
     shift = jnp.minimum(positions + (positions > i), m - 1)  # Drop entry i+1.
     new_bank = jnp.where((positions == i)[..., None], merged.astype(bank.dtype),
                          take(bank, shift[..., None]))
