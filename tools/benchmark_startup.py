@@ -1,0 +1,75 @@
+"""Time to the first training step, with a cold and a warm persistent compilation cache.
+
+    python tools/benchmark_startup.py --config=configs/demo.py --out=benchmarks/startup
+
+Runs `python -m hvlm_jax.train` for one step (no evaluation) `--runs` times in fresh work
+directories: the first run starts from an empty cache directory, the later ones reuse it.
+The dataset is generated before the first timing, so both runs read the same files. Reports
+wall and CPU seconds of each run (process start to exit: flags, validation, data, compile,
+one step, one checkpoint) and their ratio to the cold run; writes results.json.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+
+_CONFIG = flags.DEFINE_string("config", "configs/demo.py", "Config file (with :args).")
+_OUT = flags.DEFINE_string("out", "benchmarks/startup", "Output folder.")
+_RUNS = flags.DEFINE_integer("runs", 2, "Runs; the first has a cold cache.")
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(workdir: str, cache: str, extra: list[str]) -> dict:
+  env = dict(os.environ, HVLM_COMPILATION_CACHE=cache)
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  cmd = [sys.executable, "-m", "hvlm_jax.train", f"--config={_CONFIG.value}",
+         f"--workdir={workdir}", "--config.training.num_steps=1",
+         "--config.training.eval_every_steps=0", "--config.training.log_every_steps=1",
+         "--config.training.checkpoint_every_steps=1", *extra]
+  before = resource.getrusage(resource.RUSAGE_CHILDREN)
+  t0 = time.perf_counter()
+  result = subprocess.run(cmd, cwd=_ROOT, env=env, capture_output=True, text=True)
+  wall = time.perf_counter() - t0
+  after = resource.getrusage(resource.RUSAGE_CHILDREN)
+  if result.returncode:
+    raise SystemExit(f"{' '.join(cmd)} failed:\n{result.stderr[-3000:]}")
+  cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+  return dict(wall_seconds=round(wall, 2), cpu_seconds=round(cpu, 2))
+
+
+def main(argv):
+  del argv
+  scratch = tempfile.mkdtemp(prefix="hvlm_startup-")
+  cache = os.path.join(scratch, "cache")
+  try:
+    # Generate the dataset (if the config asks for synthetic data) outside the timings.
+    _run(os.path.join(scratch, "warmup_data"), os.path.join(scratch, "unused_cache"),
+         ["--config.compilation_cache=off"])
+    runs = []
+    for i in range(_RUNS.value):
+      runs.append(dict(run=i + 1, cache="cold" if i == 0 else "warm",
+                       **_run(os.path.join(scratch, f"run{i}"), cache, [])))
+      print(runs[-1], flush=True)
+    for r in runs:
+      r["wall_ratio_to_cold"] = round(r["wall_seconds"] / runs[0]["wall_seconds"], 3)
+      r["cpu_ratio_to_cold"] = round(r["cpu_seconds"] / runs[0]["cpu_seconds"], 3)
+    result = dict(config=_CONFIG.value, load_average=os.getloadavg(), runs=runs,
+                  command=" ".join(["python", "tools/benchmark_startup.py"] + sys.argv[1:]))
+    os.makedirs(_OUT.value, exist_ok=True)
+    with open(os.path.join(_OUT.value, "results.json"), "w") as f:
+      json.dump(result, f, indent=2)
+    print(json.dumps(result, indent=2))
+  finally:
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
