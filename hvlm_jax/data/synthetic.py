@@ -310,10 +310,10 @@ def make_example(seed: int, split: str, index: int, settings: dict) -> dict[str,
   duration = settings["num_frames"] / settings["fps"]
   clip = sample_clip(rng, frame_size=settings["frame_size"], duration=duration,
                      domains=settings["domains"], max_objects=settings["max_objects"])
+  bg = background(rng, clip["domain"], settings["frame_size"])  # Drawn either way: same QA.
   if settings.get("footage"):  # Real-footage properties (footage.py): their own random stream.
     frames = _film(clip, settings, np.random.default_rng([seed, _split_code(split), index, 1]))
   else:
-    bg = background(rng, clip["domain"], settings["frame_size"])
     frames = render_clip(clip, settings["num_frames"], settings["fps"], bg)
   vid = f"{split}_{index:05d}"
   base = dict(video_id=vid, domain=clip["domain"])
