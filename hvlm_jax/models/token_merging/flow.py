@@ -4,15 +4,20 @@
 pyramidal scheme, with the iterative warping of Brox et al. 2004): at each pyramid level,
 frame t+1 is warped back by the current flow, and the per-pixel 2x2 system built from a
 Gaussian-weighted window of the spatial gradients gives the update. Tikhonov damping keeps
-textureless pixels at the coarser estimate. Convention (DESIGN.md, OpenCV Farneback):
-`frame[t+1](p + flow[t](p)) ~= frame[t](p)`, flow as (dx, dy) in pixels.
+textureless pixels at the coarser estimate. Real footage needs two more things: pixels whose
+match has left the frame (camera motion) stay out of the sums, and after every update the
+flow is regularised by a normalised convolution over the valid pixels (Knutsson & Westin
+1993), which extrapolates it to those pixels and keeps sensor noise out (dense warped LK
+alone converges towards a noisy per-pixel solution). Convention (DESIGN.md, OpenCV
+Farneback): `frame[t+1](p + flow[t](p)) ~= frame[t](p)`, flow as (dx, dy) in pixels.
+Accuracy against OpenCV: tools/benchmark_flow.py.
 
 Cost: O(levels * iterations * H * W * window) per frame pair; memory O(H * W) per pair.
-`token_motion` pools flow magnitude onto the tubelet grid; `frame_difference_motion` is the
-cheap proxy of run-length tokenization (Choudhury et al. 2024): mean absolute difference of a
-patch to the same patch in the next frame.
-
-The image filters used here (Gaussian blur, derivatives, resizing) are shared by saliency.py.
+`token_motion` pools flow magnitude, relative to the camera's motion (camera.py), onto the
+tubelet grid; its "frame_difference" source is the cheap proxy of run-length tokenization
+(Choudhury et al. 2024): mean absolute difference of a patch to the same patch in the next
+frame. The image filters used here (Gaussian blur, derivatives, resizing) are shared by
+saliency.py.
 """
 from __future__ import annotations
 
