@@ -217,6 +217,14 @@ def get_config(arg=None):
   tr.keep_best_checkpoints = 1  # ...and, separately, the best N by best_metric.
   tr.best_metric = "val_loss"
   tr.best_mode = "min"
+  # A workdir holds one run. "auto": resume it; a config that changes its parameters (model,
+  # vocabulary-related data keys) is refused. "new_run": such a run is moved to
+  # WORKDIR/previous_runs/ and a new one starts (an unchanged config still resumes).
+  tr.resume = "auto"
+  # NaN/Inf loss or gradient norm: "skip" leaves the state unchanged (counted in
+  # train/nonfinite_steps; an error after max_nonfinite_steps in a row), "stop" stops at once.
+  tr.nonfinite = "skip"
+  tr.max_nonfinite_steps = 10
   tr.loss_weights = ml_collections.ConfigDict(
       dict(classification=1.0, action_detection=0.33, video_qa=0.33, captioning=0.34,
            router=0.1, router_balance=0.01))

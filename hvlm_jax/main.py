@@ -6,7 +6,8 @@
 
 A mistake a user can make (a wrong config key, a missing data folder, a malformed annotation,
 a missing checkpoint) ends the program with one line naming the file, entry or key, and exit
-status 2; unexpected errors keep their traceback. `--help` lists the command's own flags.
+status 2; unexpected errors keep their traceback. Training stopped by SIGTERM before its last
+step exits with 75 (EXIT_STOPPED). `--help` lists the command's own flags.
 """
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ from absl import app, flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
+# Exit status of training stopped by SIGTERM (preemption) before its last step, with a
+# checkpoint of the step every process reached: EX_TEMPFAIL, "try again". A scheduler that
+# restarts failed jobs resumes the run; 0 means the run is complete (final_metrics.json).
+EXIT_STOPPED = 75
 
 
 def _define_common_flags():
@@ -48,13 +53,15 @@ def _define_flags(command: str) -> list[str]:
 
 # Errors that are the user's to fix: print their message, not a traceback.
 def _user_errors():
-  from hvlm_jax.checkpoint import CheckpointMismatchError, CheckpointNotFoundError
+  from hvlm_jax.checkpoint import (CheckpointCorruptError, CheckpointMismatchError,
+                                   CheckpointNotFoundError)
   from hvlm_jax.config import ConfigError
   from hvlm_jax.data import AnnotationError, VideoError
   from hvlm_jax.data.synthetic import DatasetError
   from hvlm_jax.train.trainer import TrainingError
   return (ConfigError, AnnotationError, VideoError, DatasetError, FileNotFoundError,
-          CheckpointNotFoundError, CheckpointMismatchError, TrainingError)
+          CheckpointNotFoundError, CheckpointMismatchError, CheckpointCorruptError,
+          TrainingError)
 
 
 def _quiet_libraries(record: logging.LogRecord) -> bool:
@@ -86,8 +93,12 @@ def _main(command: str, overrides: dict[str, str]):
     _initialize_distributed()
     try:
       if command == "train":
-        from hvlm_jax.train.trainer import train_and_evaluate
-        train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        from hvlm_jax.train.trainer import TrainingStopped, train_and_evaluate
+        try:
+          train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        except TrainingStopped as e:
+          print(f"stopped: {e}", file=sys.stderr)
+          sys.exit(EXIT_STOPPED)
       else:
         if FLAGS.config:
           logging.warning("--config=%s is not used: %s reads the run's own "

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import time
 from typing import Any
 
 import jax
@@ -39,6 +40,12 @@ from hvlm_jax.models.token_merging import MergingSpec, merge_schedule
 DATA_SOURCE_KEYS = ("data.name", "data.dir", "data.input", "data.cache_dir")
 # training.finetune -> which parameters train (names of hvlm_jax.models.domain.lora modes).
 FINETUNE_MODES = ("full", "lora", "lora_only")
+# training.resume: "auto" continues the workdir's run and refuses a config that changes its
+# parameters; "new_run" moves such a run aside (previous_runs/) and starts over.
+RESUME_MODES = ("auto", "new_run")
+# training.nonfinite: a NaN/Inf loss or gradient norm skips the update ("skip", counted; an
+# error after training.max_nonfinite_steps in a row) or stops training at once ("stop").
+NONFINITE_MODES = ("skip", "stop")
 REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
                   "everything_saveable")
 
@@ -121,6 +128,13 @@ def _validate_training(config) -> None:
                       f"{', '.join(FINETUNE_MODES)}.")
   if tr.best_mode not in ("min", "max"):
     raise ConfigError(f"config.training.best_mode={tr.best_mode!r} is not min or max.")
+  for key, allowed in (("resume", RESUME_MODES), ("nonfinite", NONFINITE_MODES)):
+    if tr.get(key, allowed[0]) not in allowed:
+      raise ConfigError(f"config.training.{key}={tr[key]!r} is not one of "
+                        f"{', '.join(allowed)}.")
+  limit = tr.get("max_nonfinite_steps", 1)
+  if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+    raise ConfigError(f"config.training.max_nonfinite_steps={limit!r} must be an integer >= 1.")
   for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
               "gradient_accumulation_steps", "compression_stages"):
     if tr[key] < 1:
@@ -186,9 +200,19 @@ def load_vocabularies(workdir: str) -> data_lib.Vocabularies:
                             "(it holds the vocabularies and checkpoints).")
   try:
     return data_lib.Vocabularies.load(path)
-  except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+  except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError too.
     raise ConfigError(f"{path} is corrupt ({type(e).__name__}: {e}); it was written by the "
                       "trainer from the training split, restore it or retrain.") from None
+
+
+def require_videos(split_data) -> None:
+  """A split with no usable video is one sentence, not an empty iterator further on."""
+  if not split_data.entries:
+    no_file = len(split_data.skipped.get("no_video", ()))
+    raise data_lib.AnnotationError(
+        f"{split_data.root} has no video to use: " + (
+            f"none of its {no_file} annotated videos has a file in its videos folder."
+            if no_file else "its annotation lists are empty."))
 
 
 def fill_from_vocabularies(config, vocabs) -> ml_collections.ConfigDict:
@@ -200,6 +224,104 @@ def fill_from_vocabularies(config, vocabs) -> ml_collections.ConfigDict:
     heads.vocab_size = vocabs.num_words
     heads.num_answers = vocabs.num_answers
   return config
+
+
+# ----- one run per workdir ---------------------------------------------------------------------
+# The keys that decide a run's parameters (their shapes or their meaning): all of `model`
+# except the ones below, the training objective (and its decoder), and the data keys that shape
+# inputs and vocabularies.
+RUN_KEYS = ("training.objective", "data.input", "data.features_dim", "data.domains", "data.answer_vocab_size",
+                 "data.min_word_count", "data.caption_length", "data.question_length",
+                 "data.max_segments", "data.max_questions", "data.video.num_frames",
+                 "data.video.frame_size")
+# Regularisation, compute dtype, kernel choice and evaluation-time streaming leave the
+# parameters as they are; head sizes follow the run's own vocabularies.json.
+_FREE_MODEL_LEAVES = ("dropout", "dropout_rate", "attention_dropout_rate", "dtype",
+                      "implementation")
+_FREE_MODEL_KEYS = ("model.heads.num_classes", "model.heads.vocab_size",
+                    "model.heads.num_answers", "model.streaming.enabled",
+                    "model.streaming.auto_threshold", "model.streaming.truncation",
+                    "model.streaming.remat_segments")
+# What a run leaves in its workdir: moved together to previous_runs/ by training.resume=new_run.
+RUN_FILES = ("config.json", "vocabularies.json", "checkpoints", "tensorboard", "eval",
+             "quarantine", "final_metrics.json", "init_report.json", "parameters.txt")
+
+
+def _flat(tree, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = json.loads(json.dumps(v, default=str))  # Tuples -> lists.
+  return out
+
+
+def run_config_differences(saved: dict, config) -> list[str]:
+  """'key: saved -> new' for each key that decides the parameters and differs."""
+  old, new = _flat(saved), _flat(config.to_dict())
+  def decides(key):
+    if key.startswith("model."):
+      return key not in _FREE_MODEL_KEYS and key.rsplit(".", 1)[-1] not in _FREE_MODEL_LEAVES
+    return key in RUN_KEYS or key.startswith("training.masked_video.")
+  # A key only one side has came or went with a code change; its default was in force.
+  keys = sorted(k for k in set(old) & set(new) if decides(k) and old[k] != new[k])
+  return [f"{k}: {old[k]!r} -> {new[k]!r}" for k in keys]
+
+
+def check_workdir(config, workdir: str) -> None:
+  """A workdir belongs to one run: refuses a config that would change the parameters of the
+  run in `workdir` (its config.json), touching nothing; with `training.resume=new_run` the old
+  run's files are moved to WORKDIR/previous_runs/<time>/ (never deleted) instead.
+
+  Raises:
+    ConfigError: `workdir` is a file, or the configs differ without resume=new_run (the
+      sentence lists the differing keys).
+  """
+  workdir = os.path.abspath(workdir)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir={workdir} is a file, not a run directory.")
+  path = config_path(workdir)
+  if not os.path.exists(path):
+    return
+  new_run = config.training.get("resume", "auto") == "new_run"
+  try:
+    with open(path) as f:
+      differences = run_config_differences(json.load(f), config)
+  except (ValueError, AttributeError, OSError) as e:
+    if not new_run:
+      raise ConfigError(f"{path} does not read as the run's config ({type(e).__name__}: {e}); "
+                        "pass --config.training.resume=new_run to move that run aside and "
+                        "start over.") from None
+    differences = [f"{path} unreadable"]
+  if not differences:
+    return
+  if not new_run:
+    shown = "; ".join(differences[:6]) + (f"; and {len(differences) - 6} more"
+                                          if len(differences) > 6 else "")
+    raise ConfigError(
+        f"{workdir} holds a run with another config ({shown}); resume it with its own config "
+        "(WORKDIR/config.json), choose a new --workdir, or pass "
+        "--config.training.resume=new_run to move that run aside and start over.")
+  move_run_aside(workdir, reason="; ".join(differences))
+
+
+def move_run_aside(workdir: str, reason: str = "") -> str:
+  """Renames the run files of `workdir` (RUN_FILES) into WORKDIR/previous_runs/<time>/."""
+  target = os.path.join(workdir, "previous_runs", time.strftime("%Y%m%d-%H%M%S"))
+  if jax.process_index() == 0:
+    while os.path.exists(target):
+      target += "_"
+    os.makedirs(target)
+    for name in RUN_FILES:
+      if os.path.lexists(os.path.join(workdir, name)):
+        os.rename(os.path.join(workdir, name), os.path.join(target, name))
+    logging.warning("training.resume=new_run: the previous run of %s moved to %s (%s).",
+                    workdir, target, reason)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("move_run_aside")
+  return target
 
 
 # ----- model and parameters --------------------------------------------------------------------

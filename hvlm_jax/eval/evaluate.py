@@ -25,7 +25,7 @@ from flax import linen as nn
 from hvlm_jax import data as data_lib
 from hvlm_jax import run as run_lib
 from hvlm_jax import sharding
-from hvlm_jax.checkpoint import Checkpointer
+from hvlm_jax.checkpoint import CheckpointCorruptError, Checkpointer
 from hvlm_jax.data import segments as segments_lib
 from hvlm_jax.eval import metrics as metrics_lib
 from hvlm_jax.eval import report as report_lib
@@ -221,12 +221,15 @@ def evaluate_checkpoint(workdir: str, *, step="latest", split: str = "test",
   config.mesh = ml_collections.ConfigDict(run_lib.INFERENCE_MESH)
   run_lib.validate(config, jax.device_count(), training=False)
   run_lib.enable_compilation_cache(config)
-  ckpt = Checkpointer(workdir, read_only=True, async_save=False)
-  step = ckpt.resolve(step)
+  ckpt = Checkpointer(workdir, read_only=True, async_save=False,
+                      best_metric=config.training.get("best_metric", ""),
+                      best_mode=config.training.get("best_mode", "max"))
+  requested, step = step, ckpt.resolve(step)
   mesh = sharding.make_mesh(config.mesh)
   config.data.eval_batch_size = _round_up(config.data.eval_batch_size, mesh.size)
   data_lib.ensure_dataset(config)
   split_data = data_lib.load_split(config, split, training=False)
+  run_lib.require_videos(split_data)
   source_changed = sorted(k for k in overridden if k in run_lib.DATA_SOURCE_KEYS)
   if source_changed:
     logging.warning("Scoring data other than the run's: %s (overrides of %s).",
@@ -239,12 +242,15 @@ def evaluate_checkpoint(workdir: str, *, step="latest", split: str = "test",
     logging.warning("Majority-answer baseline without training answers: %s", e)
   model = run_lib.build_model(config)
   example = next(iter(data_lib.eval_batches(config, split_data, vocabs)))
-  params = run_lib.restore_params(ckpt, step, model, example, mesh)
+  params, step, skipped_steps = _restore_falling_back(ckpt, requested, step, model, example,
+                                                      mesh)
   logging.info("Restored parameters of %s step %d onto %d device(s).", workdir, step, mesh.size)
 
   losses, records = run_split(config, model, params, split_data, vocabs, mesh, progress=True)
   metrics = score(records, split_data, train_answers=train_answers, meteor=None)
+  unscored = _unscored_videos(split_data, records, config)
   metrics["meta"] = dict(split=split, step=step, videos=len(records), workdir=workdir,
+                         **unscored, **skipped_steps,
                          devices=mesh.size, data_dir=str(split_data.root),
                          overrides=overridden,
                          data_source_overridden=source_changed)
@@ -258,6 +264,52 @@ def evaluate_checkpoint(workdir: str, *, step="latest", split: str = "test",
     logging.info("Results in %s/{metrics,report,predictions}_%s.*", out, name)
     print(report_lib.markdown_report(metrics, f"{split} split, step {step}"))
   return metrics
+
+
+def _restore_falling_back(ckpt, requested, step: int, model, example, mesh):
+  """Parameters of `step`; for 'latest', a corrupt checkpoint is skipped (named in the log and
+  the result's meta) for the newest earlier one that reads back. Returns (params, step, meta)."""
+  steps = [s for s in ckpt.all_steps() if s <= step]
+  skipped = []
+  for candidate in reversed(steps):
+    try:
+      params = run_lib.restore_params(ckpt, candidate, model, example, mesh)
+    except CheckpointCorruptError as e:
+      if requested not in ("latest", None, "") or candidate == steps[0]:
+        raise
+      logging.warning("Skipping checkpoint step %d for --step=latest: %s.", candidate, e)
+      skipped.append(candidate)
+      continue
+    meta = {}
+    if skipped:
+      meta = dict(skipped_checkpoints=", ".join(map(str, skipped)),
+                  warning_checkpoint=f"checkpoint step(s) {skipped} do not read back; "
+                                     f"step {candidate} was evaluated instead")
+    return params, candidate, meta
+  raise CheckpointCorruptError(f"No checkpoint in {ckpt.directory} reads back.")
+
+
+def _unscored_videos(split_data, records, config) -> dict:
+  """Annotated videos of the split that were not scored (no file, corrupt, not decoded):
+  a warning in the log and the result's meta (count and ids); an error with data.strict."""
+  if jax.process_count() > 1:  # Each process holds the records of its own rows only.
+    return {}
+  scored = {r["video_id"] for r in records}
+  reasons = {vid: "not scored" for vid in split_data.video_ids if vid not in scored}
+  for reason in ("no_video", "corrupt"):
+    for vid in split_data.skipped.get(reason, ()):
+      reasons[vid] = reason.replace("_", " ")
+  if not reasons:
+    return {}
+  ids = sorted(reasons)
+  total = len(scored) + len(ids)
+  message = (f"{len(ids)} of the {total} annotated videos of {split_data.root} were not scored "
+             f"({', '.join(f'{v} ({reasons[v]})' for v in ids[:10])}"
+             f"{', ...' if len(ids) > 10 else ''})")
+  if config.data.get("strict", False):
+    raise data_lib.AnnotationError(message + "; config.data.strict=True requires all.")
+  logging.warning("%s; the metrics cover the other %d.", message, len(scored))
+  return dict(unscored_videos=len(ids), unscored_ids=ids, warning=message)
 
 
 def data_id(split_data) -> str:

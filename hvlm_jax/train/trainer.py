@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from hvlm_jax import data as data_lib
 from hvlm_jax import run as run_lib
 from hvlm_jax import sharding
-from hvlm_jax.checkpoint import Checkpointer, abstract_with_shardings
+from hvlm_jax.checkpoint import Checkpointer, CheckpointNonFiniteError, abstract_with_shardings
 from hvlm_jax.data import segments as segments_lib
 from hvlm_jax.eval import evaluate as evaluate_lib
 from hvlm_jax.models import model as model_lib
@@ -37,6 +37,16 @@ from hvlm_jax.train.metric_writer import MetricWriter
 
 class TrainingError(RuntimeError):
   """Training cannot go on (NaN loss, bad data); the message says why and what was kept."""
+
+
+class TrainingStopped(Exception):
+  """SIGTERM (a preemption) stopped training before its last step, after every process saved
+  the same step; `python -m hvlm_jax.train` exits with EXIT_STOPPED, and a rerun continues."""
+
+  def __init__(self, step: int, directory: str):
+    super().__init__(f"Training stopped at step {step} by SIGTERM with a checkpoint in "
+                     f"{directory}; rerun the same command to continue.")
+    self.step = step
 
 
 def total_train_steps(config, num_train_videos: int) -> int:
@@ -95,7 +105,11 @@ def build_training(config, mesh, example_batch, total_steps: int, rng) -> Traini
 
 
 def make_train_step(config, model, tx, schedule, state_shardings, mesh):
-  """The jitted update: forward, multi-task loss, backward, optimizer, metrics."""
+  """The jitted update: forward, multi-task loss, backward, optimizer, metrics.
+
+  A step whose loss or global gradient norm is NaN/Inf leaves parameters and optimizer state
+  as they were (the step counter still advances with the data); `metrics["nonfinite"]` is 1.
+  """
   def train_step(state, batch, rng, merge_weights):
     rng = jax.random.fold_in(rng, state.step)
     dropout_rng, features_rng = jax.random.split(rng)
@@ -110,11 +124,15 @@ def make_train_step(config, model, tx, schedule, state_shardings, mesh):
       return model_lib.compute_losses(outputs, batch, config)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads),
-                   learning_rate=schedule(state.step))
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    metrics = dict(metrics, grad_norm=grad_norm, learning_rate=schedule(state.step),
+                   nonfinite=1.0 - finite.astype(jnp.float32))
+    return state.replace(step=state.step + 1, params=keep_if_bad(params, state.params),
+                         opt_state=keep_if_bad(opt_state, state.opt_state)), metrics
 
   replicated = NamedSharding(mesh, P())
   return jax.jit(train_step, in_shardings=(state_shardings, None, replicated, None),
@@ -167,18 +185,60 @@ def module_overview(params) -> str:
 
 
 class _StopSignal:
-  """SIGTERM (preemption, `kill`) asks the loop to save and exit at the next step boundary."""
+  """SIGTERM (preemption, `kill`) asks the loop to save and exit at a step boundary.
 
-  def __init__(self):
+  One process: a Python handler sets a flag read at the next step. Several processes: JAX's
+  preemption service (started by jax.distributed.initialize; it owns SIGTERM) tells every
+  process of a SIGTERM that reached any of them, and `reached(step)` is true on all of them at
+  the same step (orbax's `reached_preemption`), so all save that step and exit together.
+  """
+
+  def __init__(self, manager):
     self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self._manager = manager
+    self._multi = jax.process_count() > 1
+    self._previous = None if self._multi else signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     logging.warning("SIGTERM received: saving a checkpoint and exiting.")
     self.requested = True
 
+  def reached(self, step: int) -> bool:
+    if self._multi and self._manager.reached_preemption(step):
+      logging.warning("Preemption: all processes stop at step %d with a checkpoint.", step)
+      self.requested = True
+    return self.requested
+
   def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+class _NonfiniteGuard:
+  """Counts the updates the train step skipped (NaN/Inf loss or gradient norm) and stops
+  training after training.max_nonfinite_steps of them in a row (training.nonfinite="skip")
+  or at the first ("stop"). The flags are read at log steps, so the step never waits."""
+
+  def __init__(self, config):
+    tr = config.training
+    self.mode = tr.get("nonfinite", "skip")
+    self.limit = 1 if self.mode == "stop" else int(tr.get("max_nonfinite_steps", 10))
+    self.total = self.in_a_row = 0
+
+  def update(self, flags, last_step: int, ckpt) -> None:
+    flags = [bool(f) for f in flags]
+    if any(flags):
+      logging.warning("%d of the last %d steps had a NaN/Inf loss or gradient norm; their "
+                      "updates were skipped.", sum(flags), len(flags))
+    for i, bad in enumerate(flags):
+      self.total += bad
+      self.in_a_row = self.in_a_row + 1 if bad else 0
+      if self.in_a_row >= self.limit:
+        raise TrainingError(
+            f"The loss or gradient norm was NaN/Inf at {self.in_a_row} step(s) in a row up to "
+            f"step {last_step - len(flags) + i + 1} (training.nonfinite={self.mode!r}, "
+            f"training.max_nonfinite_steps={self.limit}); their updates were not applied and "
+            f"the checkpoints in {ckpt.directory} (steps {ckpt.all_steps()}) are all finite.")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -191,6 +251,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # ----- setup ---------------------------------------------------------------------------
   run_lib.validate(config, jax.device_count())
   workdir = os.path.abspath(workdir)
+  run_lib.check_workdir(config, workdir)  # One run per workdir: refuses a changed model.
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   cache_dir = run_lib.enable_compilation_cache(config)
@@ -210,12 +271,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   sync_processes("dataset_ready")
   train_split = data_lib.load_split(config, "training")
   val_split = data_lib.load_split(config, "validation")
+  for split_data in (train_split, val_split):
+    run_lib.require_videos(split_data)
   logging.info("Data: %d training and %d validation videos from %s.", len(train_split),
                len(val_split), os.path.abspath(config.data.dir))
   vocabs = load_or_build_vocabularies(train_split, workdir, config)
   config = run_lib.fill_from_vocabularies(config, vocabs)
-  if is_main:
-    _write_json(run_lib.config_path(workdir), config.to_dict())
   total_steps = total_train_steps(config, len(train_split))
   make_iterator = (segments_lib.make_streaming_train_iterator
                    if streaming.trains_with_memory(config) else data_lib.make_train_iterator)
@@ -248,7 +309,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                       keep_best=tr.get("keep_best_checkpoints", 1),
                       best_metric=tr.get("best_metric", "val_classification_accuracy"),
                       best_mode=tr.get("best_mode", "max"))
+  # A checkpoint of another model raises (nothing touched); corrupt ones newer than the one
+  # restored are moved to WORKDIR/quarantine/, so their step numbers can be saved again.
   restored, step = ckpt.restore_latest_valid(abstract_state, train_iter)
+  for bad_step, reason in sorted(ckpt.corrupt_steps.items()):
+    ckpt.quarantine(bad_step, reason)
+  if is_main:
+    _write_json(run_lib.config_path(workdir), config.to_dict())
   if restored is not None:
     state = restored
     logging.info("Resumed from %s/%d.", ckpt.directory, step)
@@ -270,7 +337,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   # ----- loop ----------------------------------------------------------------------------
   writer = MetricWriter(os.path.join(workdir, "tensorboard"), total_steps)
-  stop = _StopSignal()
+  stop = _StopSignal(ckpt.manager)
+  nonfinite = _NonfiniteGuard(config)
   train_rng = jax.random.fold_in(rng, 1)
   eval_scalars, step = {}, start_step
   pending = []
@@ -295,13 +363,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         step += 1
         pending.append(metrics)
         if step % tr.log_every_steps == 0 or step == total_steps:
-          summary = {k: float(np.mean([jax.device_get(m[k]) for m in pending]))
-                     for k in pending[-1]}
+          window = {k: np.asarray([jax.device_get(m[k]) for m in pending]) for k in pending[-1]}
           pending = []
-          if not np.isfinite(summary["loss"]):
-            raise TrainingError(
-                f"Loss became {summary['loss']} at step {step}; stopped without saving. The "
-                f"last good checkpoint is in {ckpt.directory} (steps {ckpt.all_steps()}).")
+          bad = window.pop("nonfinite") > 0
+          nonfinite.update(bad, step, ckpt)
+          summary = {k: float(np.mean(v[~bad])) if (~bad).any() else float("nan")
+                     for k, v in window.items()}
+          summary["nonfinite_steps"] = nonfinite.total
           rate = writer.steps_per_second(step)
           summary["steps_per_second"] = rate
           summary["clips_per_second"] = rate * config.data.batch_size
@@ -313,10 +381,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                                 or step == total_steps)
         if eval_now:
           eval_scalars = run_eval(step)
-        stopping = stop.requested or step == stop_at_step
+        stopping = stop.reached(step) or step == stop_at_step
         if step % tr.checkpoint_every_steps == 0 or step == total_steps or stopping:
-          ckpt.save(step, state, train_iter, config, metrics=eval_scalars if eval_now else None,
-                    force=True)
+          try:
+            ckpt.save(step, state, train_iter, config,
+                      metrics=eval_scalars if eval_now else None, force=True)
+          except CheckpointNonFiniteError as e:
+            raise TrainingError(f"{e} Training stopped; the checkpoints in {ckpt.directory} "
+                                f"(steps {ckpt.all_steps()}) are all finite.") from None
         if stopping:
           logging.info("Stopped at step %d with a checkpoint; rerun to continue.", step)
           break
@@ -324,6 +396,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     ckpt.close()
     writer.close()
     stop.restore()
+  if step < total_steps:  # Stopped early: no final_metrics.json, so it does not look finished.
+    if stop.requested:
+      raise TrainingStopped(step, ckpt.directory)
+    return eval_scalars
   if is_main:
     _write_json(os.path.join(workdir, "final_metrics.json"), dict(step=step, **eval_scalars))
   return eval_scalars
@@ -334,7 +410,7 @@ def load_or_build_vocabularies(train_split, workdir: str, config):
   resumed run or an evaluation maps words and labels exactly as training did."""
   path = os.path.join(workdir, "vocabularies.json")
   if os.path.exists(path):
-    return data_lib.Vocabularies.load(path)
+    return run_lib.load_vocabularies(workdir)
   vocabs = data_lib.Vocabularies.build(train_split, config)
   if jax.process_index() == 0:
     tmp = path + ".tmp"
