@@ -145,3 +145,121 @@ def test_performer_redraws_in_training_and_is_fixed_at_eval():
   assert not np.allclose(other_seed.apply(params, x), eval_a)
   with pytest.raises(ValueError, match="'features' PRNG stream"):
     module.apply(params, x, deterministic=False)
+
+
+# ----- fused kernels (kernels.py) against the XLA paths ------------------------------------------
+from hvlm_jax.models.attention import kernels, sparse  # noqa: E402
+from hvlm_jax.models.attention.full import FullAttention  # noqa: E402
+
+
+def test_auto_chooses_the_kernel_by_platform_dtype_and_dropout():
+  choose = kernels.choose
+  assert choose("auto", "full", dtype=jnp.float32) == "xla"  # This machine: CPU.
+  assert choose("auto", "full", dtype=jnp.bfloat16, platform="gpu") == "cudnn"
+  assert choose("auto", "full", dtype=jnp.float32, platform="gpu") == "xla"  # cuDNN: 16-bit.
+  assert choose("auto", "local_global", dtype=jnp.bfloat16, platform="gpu") == "cudnn"
+  assert choose("auto", "strided", dtype=jnp.bfloat16, platform="gpu") == "xla"
+  assert choose("auto", "strided", dtype=jnp.float32, platform="tpu") == "splash"
+  assert choose("auto", "full", dtype=jnp.float32, platform="tpu", masked=True) == "xla"
+  assert choose("auto", "full", dtype=jnp.bfloat16, platform="gpu", dropout=True) == "xla"
+  with pytest.raises(ValueError, match="no 'cudnn' kernel"):
+    choose("cudnn", "strided", dtype=jnp.bfloat16)
+  with pytest.raises(ValueError, match="takes no token mask"):
+    choose("splash", "full", dtype=jnp.float32, masked=True)
+
+
+def kernel_inputs(seed=0, b=2, n=100, h=2, dh=8):
+  rng = np.random.default_rng(seed)
+  q, k, v = (jnp.asarray(rng.normal(size=(b, n, h, dh)), jnp.float32) for _ in range(3))
+  mask = np.ones((b, n), bool)
+  mask[-1, 80:] = mask[0, 5] = False
+  key_bias = jnp.asarray(0.3 * rng.normal(size=(b, n)), jnp.float32)
+  return q, k, v, mask, key_bias
+
+
+def assert_same_values_and_gradients(f, g, args, valid=None, atol=2e-5):
+  """f(*args) == g(*args) at the `valid` (B, N) positions, and the gradients of a random
+  projection of those outputs w.r.t. every argument."""
+  out_f, out_g = f(*args), g(*args)
+  valid = np.ones(out_f.shape[:2], bool) if valid is None else valid
+  np.testing.assert_allclose(np.asarray(out_f)[valid], np.asarray(out_g)[valid], atol=atol)
+  weight = jnp.asarray(np.random.default_rng(9).normal(size=out_f.shape), jnp.float32)
+  weight = weight * jnp.asarray(valid, jnp.float32)[:, :, None, None]
+  grads = lambda fn: jax.grad(lambda *a: jnp.sum(fn(*a) * weight), range(len(args)))(*args)
+  for gf, gg in zip(grads(f), grads(g)):
+    np.testing.assert_allclose(gf, gg, atol=atol)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("globals_", ["frame", "learned"])
+def test_local_global_dense_layout_equals_the_blocked_xla_path(causal, globals_):
+  """The layout the cuDNN path feeds to its kernel, run through XLA's dense attention."""
+  if causal and globals_ == "learned":
+    pytest.skip("learned summaries are never causal (LocalGlobalAttention rejects it)")
+  q, k, v, mask, key_bias = kernel_inputs(1)
+  bias = sparse.padded_key_bias(jnp.asarray(mask), key_bias, *mask.shape, mask.shape[1])
+  opts = dict(window=16, causal=causal)
+  if globals_ == "frame":
+    opts["global_idx"] = sparse.frame_global_positions(mask.shape[1], 25, 2)
+  else:
+    rng = np.random.default_rng(2)
+    g = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
+    opts["global_kv"] = (g(2, 3, 2, 8), g(2, 3, 2, 8), g(2, 3) * 0.1)
+  blocked = lambda q, k, v: sparse.local_global_attention(q, k, v, bias, **opts)
+  dense = lambda q, k, v: kernels.local_global_dense(q, k, v, bias, implementation="xla",
+                                                     **opts)
+  assert_same_values_and_gradients(dense, blocked, (q, k, v), mask)
+
+
+@pytest.mark.parametrize("kind,options", [
+    ("full", {}),
+    ("local_global", dict(window=16, tokens_per_frame=25, num_global=2)),
+    ("strided", dict(stride=10)),
+])
+@pytest.mark.parametrize("causal", [False, True])
+def test_splash_kernel_equals_the_xla_path_in_interpret_mode(kind, options, causal):
+  q, k, v, _, _ = kernel_inputs(3, b=1)
+  n = q.shape[1]
+  if kind == "full":
+    xla = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+  elif kind == "local_global":
+    gi = sparse.frame_global_positions(n, options["tokens_per_frame"], options["num_global"])
+    xla = lambda q, k, v: sparse.local_global_attention(q, k, v, window=options["window"],
+                                                        global_idx=gi, causal=causal)
+  else:
+    xla = lambda q, k, v: sparse.strided_attention(q, k, v, stride=options["stride"],
+                                                   causal=causal)
+  fused = lambda q, k, v: kernels.splash_attention(q, k, v, kind, causal=causal,
+                                                   interpret=True, **options)
+  assert_same_values_and_gradients(fused, xla, (q, k, v))
+
+
+@pytest.mark.parametrize("cls,options", [
+    (FullAttention, {}),
+    (sparse.LocalGlobalAttention, dict(window=16, tokens_per_frame=25, num_global=2)),
+    (sparse.StridedAttention, dict(stride=10)),
+])
+def test_attention_classes_route_implementation_splash_to_the_kernel(cls, options):
+  x = jnp.asarray(np.random.default_rng(4).normal(size=(1, 100, 16)), jnp.float32)
+  params = cls(num_heads=2, **options).init(jax.random.key(0), x)
+  run = lambda impl: cls(num_heads=2, implementation=impl, **options).apply(params, x)
+  np.testing.assert_allclose(run("splash"), run("xla"), atol=2e-5)
+  with pytest.raises(ValueError, match="takes no token mask"):
+    cls(num_heads=2, implementation="splash", **options).apply(params, x,
+                                                               jnp.ones((1, 100), bool))
+
+
+def test_cudnn_kernels_equal_the_xla_path_on_a_gpu():
+  if jax.default_backend() != "gpu":
+    pytest.skip(f"cuDNN flash attention needs an NVIDIA GPU; this run's backend is "
+                f"{jax.default_backend()!r} (tools/device_check.py runs it on a GPU)")
+  q, k, v, mask, key_bias = (t.astype(jnp.bfloat16) if t.dtype == jnp.float32 else t
+                             for t in kernel_inputs(5, n=256, dh=64))
+  bias = sparse.padded_key_bias(jnp.asarray(mask), key_bias, *mask.shape, mask.shape[1])
+  full = lambda impl: lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, bias=bias[:, None, None, :].astype(q.dtype), implementation=impl)
+  assert_same_values_and_gradients(full("cudnn"), full("xla"), (q, k, v), mask, atol=3e-2)
+  gi = sparse.frame_global_positions(256, 64, 1)
+  local = lambda impl: lambda q, k, v: kernels.local_global_dense(
+      q, k, v, bias, window=64, global_idx=gi, implementation=impl)
+  assert_same_values_and_gradients(local("cudnn"), local("xla"), (q, k, v), mask, atol=3e-2)

@@ -1,8 +1,9 @@
 """Full softmax attention (Vaswani et al., 2017): the baseline every variant is measured against.
 
-Time O(N^2 D), memory O(N^2 H) on the XLA path, which materialises all logits. With
-`implementation="cudnn"` on a GPU, `jax.nn.dot_product_attention` runs a flash-style kernel
-whose memory is O(N D); `None` lets JAX choose.
+Time O(N^2 D), memory O(N^2 H) on the XLA path, which materialises all logits.
+`implementation` (kernels.py): "auto" (default: cuDNN flash on GPU for 16-bit compute, splash
+on TPU without mask or key_bias, else XLA), "xla", "cudnn" (flash-style, memory O(N D)) or
+"splash" (Pallas, TPU).
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from hvlm_jax.models.attention import kernels
 from hvlm_jax.models.attention.common import OutProjection, QKVProjection, key_logit_bias
 from hvlm_jax.models.domain.lora import LoRASpec
 from hvlm_jax.models.layers import Dtype
@@ -19,7 +21,7 @@ class FullAttention(nn.Module):
   """Multi-head softmax attention over all N tokens. See common.py for the call contract."""
   num_heads: int
   causal: bool = False
-  implementation: str | None = "xla"
+  implementation: str | None = "auto"  # See kernels.py.
   dropout_rate: float = 0.0
   lora: LoRASpec | None = None
   dtype: Dtype = jnp.float32
@@ -33,11 +35,15 @@ class FullAttention(nn.Module):
     bias = key_logit_bias(mask, key_bias, jnp.float32)
     if bias is not None:
       bias = bias[:, None, None, :].astype(q.dtype)  # (B, 1, 1, N) over (B, H, Nq, Nk)
-    if self.dropout_rate > 0 and not deterministic:
+    dropout = self.dropout_rate > 0 and not deterministic
+    impl = kernels.choose(self.implementation, "full", dtype=q.dtype, dropout=dropout,
+                          masked=bias is not None)
+    if dropout:
       y = attention_with_dropout(q, k, v, bias, self.causal, self.dropout_rate,
                                  self.make_rng("dropout"))
+    elif impl == "splash":
+      y = kernels.splash_attention(q, k, v, "full", causal=self.causal)
     else:
-      impl = None if self.implementation in (None, "", "auto") else self.implementation
       y = jax.nn.dot_product_attention(q, k, v, bias=bias, is_causal=self.causal,
                                        implementation=impl)
     return OutProjection(lora=self.lora, dtype=self.dtype, param_dtype=self.param_dtype,

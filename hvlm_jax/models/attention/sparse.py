@@ -230,6 +230,7 @@ class StridedAttention(nn.Module):
   stride: int = 196
   local: bool = True
   causal: bool = False
+  implementation: str = "auto"  # "auto", "xla" or "splash" (TPU); see kernels.py.
   dropout_rate: float = 0.0
   lora: LoRASpec | None = None
   dtype: Dtype = jnp.float32
@@ -243,10 +244,17 @@ class StridedAttention(nn.Module):
     q, k, v = QKVProjection(self.num_heads, name="qkv", **kw)(
         x, domain, deterministic=deterministic)
     b, n = x.shape[:2]
-    bias = padded_key_bias(mask, key_bias, b, n, n)
-    y = strided_attention(q, k, v, bias, stride=self.stride, local=self.local,
-                          causal=self.causal, dropout_rate=self.dropout_rate,
-                          rng=dropout_rng(self, self.dropout_rate, deterministic))
+    rng = dropout_rng(self, self.dropout_rate, deterministic)
+    from hvlm_jax.models.attention import kernels  # kernels.py builds on this module.
+    impl = kernels.choose(self.implementation, "strided", dtype=q.dtype, dropout=rng is not None,
+                          masked=mask is not None or key_bias is not None)
+    if impl == "splash":
+      y = kernels.splash_attention(q, k, v, "strided", causal=self.causal, stride=self.stride,
+                                   local=self.local)
+    else:
+      bias = padded_key_bias(mask, key_bias, b, n, n)
+      y = strided_attention(q, k, v, bias, stride=self.stride, local=self.local,
+                            causal=self.causal, dropout_rate=self.dropout_rate, rng=rng)
     return OutProjection(name="out_proj", **kw)(y.astype(self.dtype), domain,
                                                  deterministic=deterministic)
 
@@ -318,6 +326,8 @@ class LocalGlobalAttention(nn.Module):
       their queries attend to every token, and every token then attends to the summaries;
       not causal), or "none".
     query_chunk: queries processed per step (memory O(query_chunk (3w + G) H)).
+    implementation: "auto", "xla", "cudnn" (GPU: `kernels.local_global_dense`) or "splash"
+      (TPU, frame globals, no mask / key_bias); see kernels.py.
   """
   num_heads: int
   window: int = 196
@@ -326,6 +336,7 @@ class LocalGlobalAttention(nn.Module):
   tokens_per_frame: int = 196
   causal: bool = False
   query_chunk: int = 1024
+  implementation: str = "auto"
   dropout_rate: float = 0.0
   lora: LoRASpec | None = None
   dtype: Dtype = jnp.float32
@@ -361,9 +372,22 @@ class LocalGlobalAttention(nn.Module):
       pg = jax.nn.softmax(lg, axis=-1).astype(v.dtype)
       vg = jnp.einsum("bhgk,bkhd->bghd", pg, v, preferred_element_type=jnp.float32)
       global_kv = (kg, vg.astype(v.dtype), jnp.zeros((b, self.num_global), jnp.float32))
-    y = local_global_attention(q, k, v, bias, window=self.window, global_idx=global_idx,
-                               global_kv=global_kv, causal=self.causal,
-                               query_chunk=self.query_chunk, dropout_rate=self.dropout_rate,
-                               rng=rng)
+    from hvlm_jax.models.attention import kernels  # kernels.py builds on this module.
+    impl = kernels.choose(self.implementation, "local_global", dtype=q.dtype,
+                          dropout=rng is not None, masked=(mask is not None or key_bias is not None
+                                                           or global_kv is not None))
+    if impl == "cudnn":
+      y = kernels.local_global_dense(q, k, v, bias, window=self.window, global_idx=global_idx,
+                                     global_kv=global_kv, causal=self.causal)
+    elif impl == "splash":
+      y = kernels.splash_attention(
+          q, k, v, "local_global", causal=self.causal, window=self.window,
+          tokens_per_frame=self.tokens_per_frame,
+          num_global=self.num_global if global_idx is not None else 0)
+    else:
+      y = local_global_attention(q, k, v, bias, window=self.window, global_idx=global_idx,
+                                 global_kv=global_kv, causal=self.causal,
+                                 query_chunk=self.query_chunk, dropout_rate=self.dropout_rate,
+                                 rng=rng)
     return OutProjection(name="out_proj", **kw)(y.astype(self.dtype), domain,
                                                  deterministic=deterministic)
