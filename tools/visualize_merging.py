@@ -1,12 +1,16 @@
 """Draws what adaptive token merging does to one clip: a PNG with, per tubelet time step,
 the frame, the merged groups as coloured regions, the optical flow and the saliency map.
 
-    python tools/visualize_merging.py --out benchmarks/merging/merging_groups.png
+    python tools/visualize_merging.py --workdir=runs/demo_merging [--step=best] \
+        [--video=clip.mp4] --out benchmarks/merging/trained_groups.png
+    python tools/visualize_merging.py --random_init --out benchmarks/merging/merging_groups.png
 
-The clip comes from the synthetic dataset generator (hvlm_jax/data/synthetic.py), picking
-the first clip whose actor moves; `--clip shapes` draws a simple moving square instead. The
-encoder is the demo-sized VideoEncoder with random parameters: groups reflect motion,
-saliency and the similarity of (untrained) patch embeddings.
+With --workdir (a trained run with model.token_merging.enabled): the run's own config and
+parameters, on `--video` or the first video of the run's validation split, read as the
+evaluator reads it (hvlm_jax/eval/predict.py `Predictor`): what the trained model merges.
+With --random_init: the demo-sized VideoEncoder with random parameters on a synthetic clip
+(`--clip shapes`: a moving square); groups then reflect motion, saliency and the similarity
+of untrained patch embeddings only.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import numpy as np  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from hvlm_jax.eval.visualize import group_overlay  # noqa: E402
 from hvlm_jax.models.encoder import VideoEncoder  # noqa: E402
 from hvlm_jax.models.token_merging import MergingSpec  # noqa: E402
 from hvlm_jax.models.token_merging.flow import optical_flow  # noqa: E402
@@ -68,26 +73,52 @@ def flow_to_rgb(flow: np.ndarray, max_mag: float) -> np.ndarray:
   return np.stack(rgb, -1)
 
 
-def group_overlay(frame, ids, sizes, tub):
-  """Frame with merged groups (size > 1) tinted by group and boundaries between tokens."""
-  rng = np.random.default_rng(0)
-  palette = rng.uniform(0.15, 1.0, (int(ids.max()) + 1, 3))
-  gh, gw = ids.shape
-  color = palette[ids]
-  merged = (sizes[ids] > 1)[..., None]
-  up = lambda a: np.kron(a, np.ones((tub[1], tub[2], 1)))  # noqa: E731
-  img = frame.astype(np.float32) / 255.0
-  img = np.where(up(merged), 0.45 * img + 0.55 * up(color), 0.6 * img)
-  edges = np.zeros((gh * tub[1], gw * tub[2]), bool)
-  big = np.kron(ids, np.ones((tub[1], tub[2]), int))
-  edges[:, 1:] |= big[:, 1:] != big[:, :-1]
-  edges[1:, :] |= big[1:, :] != big[:-1, :]
-  img[edges] = 1.0
-  return img
+def trained_clip(workdir: str, step: str, video: str | None):
+  """(clip (T, S, S, 3) uint8, assignment (N,), sizes (M,), tubelet, title) of a trained run."""
+  import dataclasses
+
+  import ml_collections
+
+  from hvlm_jax import data as data_lib
+  from hvlm_jax import run as run_lib
+  from hvlm_jax import sharding
+  from hvlm_jax.checkpoint import Checkpointer
+  from hvlm_jax.eval import predict as predict_lib
+  config, _ = run_lib.load_run_config(workdir)
+  vocabs = run_lib.load_vocabularies(workdir)
+  config = run_lib.fill_from_vocabularies(config, vocabs)
+  if not config.model.token_merging.enabled:
+    raise SystemExit(f"error: {workdir} trained without token merging "
+                     "(config.model.token_merging.enabled=False): nothing was merged.")
+  config.mesh = ml_collections.ConfigDict(run_lib.INFERENCE_MESH)
+  config.data.input, config.data.memory_cache_mb, config.data.num_workers = "video", 0, 0
+  run_lib.validate(config, jax.device_count(), training=False)
+  mesh = sharding.make_mesh(config.mesh)
+  config.data.eval_batch_size = mesh.size
+  if video:
+    entries = predict_lib.video_entries([video], [], vocabs, config)
+    split = data_lib.SplitData("predict", os.path.dirname(os.path.abspath(video)), entries)
+  else:
+    split = data_lib.load_split(config, "validation", training=False)
+    split = dataclasses.replace(split, entries=split.entries[:1])
+  ckpt = Checkpointer(workdir, read_only=True, async_save=False)
+  step = ckpt.resolve(step)
+  model = run_lib.build_model(config)
+  example = next(iter(data_lib.eval_batches(config, split, vocabs)))
+  params = run_lib.restore_params(ckpt, step, model, example, mesh)
+  (rec,) = predict_lib.Predictor(config, model, vocabs, mesh).run(params, split)
+  title = f"{rec['video_id']} (trained run {os.path.basename(workdir)} step {step})"
+  return (rec["clip"], rec["merge"]["assignment"], rec["merge"]["sizes"],
+          tuple(config.model.tubelet_size), title)
 
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--workdir", help="A trained run (token merging on): draw what it merges.")
+  p.add_argument("--step", default="latest", help="With --workdir: latest, best or a number.")
+  p.add_argument("--video", help="With --workdir: a video file (default: first validation).")
+  p.add_argument("--random_init", action="store_true",
+                 help="An untrained demo-sized encoder on a synthetic clip instead.")
   p.add_argument("--clip", choices=("synthetic", "shapes"), default="synthetic")
   p.add_argument("--frames", type=int, default=16)
   p.add_argument("--size", type=int, default=64)
@@ -97,34 +128,49 @@ def main(argv=None):
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default="benchmarks/merging/merging_groups.png")
   args = p.parse_args(argv)
-  tub = tuple(int(v) for v in args.tubelet.split(","))
-  make = synthetic_clip if args.clip == "synthetic" else shapes_clip
-  try:
-    clip = make(args.frames, args.size, args.seed)
-  except ImportError:  # The data package is not importable: fall back to drawn shapes.
-    clip = shapes_clip(args.frames, args.size, args.seed)
-  spec = MergingSpec(target_compression_ratio=args.ratio, schedule=args.schedule)
-  enc = VideoEncoder(hidden_size=128, num_layers=4, num_heads=4, mlp_dim=256,
-                     tubelet_size=tub, token_merging=spec)
-  x = jnp.asarray(clip[None])
-  variables = enc.init(jax.random.key(args.seed), x)
-  out = jax.jit(enc.apply)(variables, x)
+  if bool(args.workdir) == bool(args.random_init):
+    p.error("give --workdir=RUN (a trained run) or --random_init.")
+  motion = None
+  if args.workdir:
+    clip, ids, sizes, tub, title = trained_clip(args.workdir, args.step, args.video)
+    args.frames, args.size = clip.shape[0], clip.shape[1]
+    x = jnp.asarray(clip[None])
+    spec = MergingSpec()
+  else:
+    tub = tuple(int(v) for v in args.tubelet.split(","))
+    make = synthetic_clip if args.clip == "synthetic" else shapes_clip
+    try:
+      clip = make(args.frames, args.size, args.seed)
+    except ImportError:  # The data package is not importable: fall back to drawn shapes.
+      clip = shapes_clip(args.frames, args.size, args.seed)
+    spec = MergingSpec(target_compression_ratio=args.ratio, schedule=args.schedule)
+    enc = VideoEncoder(hidden_size=128, num_layers=4, num_heads=4, mlp_dim=256,
+                       tubelet_size=tub, token_merging=spec)
+    x = jnp.asarray(clip[None])
+    variables = enc.init(jax.random.key(args.seed), x)
+    out = jax.jit(enc.apply)(variables, x)
+    ids, sizes = np.asarray(out["assignment"])[0], np.asarray(out["sizes"])[0]
+    motion = np.asarray(out["motion"])[0]
+    title = (f"{args.clip} clip, random-init encoder (ratio {args.ratio}, {args.schedule})")
   flow = np.asarray(jax.jit(optical_flow)(x))[0]
   _, fused = token_saliency(x, tub, spec.pixel_weights, return_maps=True)
   fused = np.asarray(fused)[0]
 
   gt, gh, gw = args.frames // tub[0], args.size // tub[1], args.size // tub[2]
-  ids = np.asarray(out["assignment"])[0].reshape(gt, gh, gw)
-  sizes = np.asarray(out["sizes"])[0]
-  motion = np.asarray(out["motion"])[0].reshape(gt, gh, gw)
-  n, n_final = gt * gh * gw, sizes.shape[0]
+  ids = ids.reshape(gt, gh, gw)
+  n, n_final = gt * gh * gw, int((sizes > 0).sum())
   max_mag = float(np.percentile(np.linalg.norm(flow, axis=-1), 99.5))
-  rows = ["frame", "merged groups", "optical flow (raw)", "saliency", "motion per token"]
+  rows = ["frame", "merged groups", "optical flow (raw)", "saliency"]
+  if motion is not None:
+    rows.append("motion per token")
+    motion = motion.reshape(gt, gh, gw)
   fig, axes = plt.subplots(len(rows), gt, figsize=(1.6 * gt, 1.7 * len(rows)), squeeze=False)
   for t in range(gt):
     f = t * tub[0]
     panels = [clip[f], group_overlay(clip[f], ids[t], sizes, tub),
-              flow_to_rgb(flow[min(f, len(flow) - 1)], max_mag), fused[t], motion[t]]
+              flow_to_rgb(flow[min(f, len(flow) - 1)], max_mag), fused[t]]
+    if motion is not None:
+      panels.append(motion[t])
     for r, img in enumerate(panels):
       ax = axes[r, t]
       ax.imshow(img, cmap="magma" if img.ndim == 2 else None, vmin=0, vmax=1 if img.ndim == 2
@@ -134,9 +180,8 @@ def main(argv=None):
       if t == 0:
         ax.set_ylabel(rows[r], fontsize=8)
     axes[0, t].set_title(f"step {t}", fontsize=8)
-  fig.suptitle(f"{args.clip} clip {args.frames}x{args.size}x{args.size}, tubelet {tub}: "
-               f"{n} -> {n_final} tokens (ratio {args.ratio}, {args.schedule}); "
-               f"flow max {max_mag:.1f} px", fontsize=9)
+  fig.suptitle(f"{title}: {args.frames}x{args.size}x{args.size}, tubelet {tub}, "
+               f"{n} -> {n_final} tokens; flow max {max_mag:.1f} px", fontsize=9)
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   fig.savefig(args.out, dpi=110)
