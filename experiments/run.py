@@ -50,7 +50,7 @@ _DATA_DIR = flags.DEFINE_string(
     "data_dir", "", "config.data.dir for every variant (default: the config's). A private "
     "copy keeps a long study safe from others regenerating a shared synthetic dataset.")
 
-HEADLINE = (("action_mAP@0.5", "mAP@0.5"), ("action_mAP", "mAP"), ("qa_accuracy", "QA acc"),
+HEADLINE = (("action_mAP_0.5", "mAP@0.5"), ("action_mAP", "mAP"), ("qa_accuracy", "QA acc"),
             ("caption_CIDEr", "CIDEr"), ("caption_BLEU-4", "BLEU-4"),
             ("classification_top1", "top-1"))
 
@@ -110,7 +110,7 @@ def run_variant(study, study_name: str, name: str, workdir: str) -> dict:
                          "same command to resume it.")
   metrics = evaluate_lib.evaluate_checkpoint(config, wd, step="latest", split=_SPLIT.value)
   scalars = read_scalars(os.path.join(wd, "tensorboard"))
-  rates = [v for _, v in scalars.get("train/clips_per_second", [])][1:]  # 1st: compile.
+  rates = [v for _, v in scalars.get("perf/clips_per_second", [])][1:]  # 1st: compile.
   row = dict(variant=name, changes=describe(study.VARIANTS[name], parent), status="ok",
              trainable=counter.text, steps=_STEPS.value, layers=_LAYERS.value,
              batch_size=_BATCH.value, train_loss=_last(scalars.get("train/loss")),
@@ -161,8 +161,8 @@ def main(argv):
   for v in variants:
     saved = os.path.join(out, "runs", f"{v}.json")
     if os.path.exists(saved) and not _RERUN.value:
-      with open(saved) as f:
-        row = json.load(f)
+      with open(saved) as f:  # Rows saved before metric names lost their "@".
+        row = {k.replace("mAP@0.5", "mAP_0.5"): v for k, v in json.load(f).items()}
       if row.get("budget") == budget and row.get("status") == "ok":
         logging.info("%s/%s: reusing %s", name, v, saved)
         rows.append(row)

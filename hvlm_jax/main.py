@@ -3,6 +3,8 @@
     python -m hvlm_jax.train --config=configs/demo.py --workdir=runs/demo [--config.a.b=v ...]
     python -m hvlm_jax.evaluate --workdir=runs/demo [--split=test] [--step=latest|best|N]
         [--config.a.b=v ...]   # overrides on top of the run's own WORKDIR/config.json
+    python -m hvlm_jax.predict --workdir=runs/demo [--step=best] VIDEO.mp4 [...]
+        [--question="..."]...   # predictions.json and an HTML report per video
 
 A mistake a user can make (a wrong config key, a missing data folder, a malformed annotation,
 a missing checkpoint) ends the program with one line naming the file, entry or key, and exit
@@ -47,6 +49,14 @@ def _define_flags(command: str) -> list[str]:
   flags.DEFINE_string("config", None, "Not needed: the run's WORKDIR/config.json is used. "
                       "Override a key of it with --config.a.b=value (e.g. --config.data.dir).")
   flags.DEFINE_string("step", "latest", "Checkpoint step: 'latest', 'best' or a number.")
+  if command == "predict":
+    flags.DEFINE_multi_string("question", [], "A question to ask about every video "
+                              "(repeat the flag for several).")
+    flags.DEFINE_string("out", None, "Parent folder of the new output folder (default: "
+                        "WORKDIR/predictions).")
+    flags.DEFINE_string("domain", "", "Domain the videos come from (one of the run's "
+                        "config.data.domains; default 'general', or the router's pick).")
+    return ["config", "step", "question", "out", "domain"] + names
   flags.DEFINE_string("split", "test", "Split to score (training, validation or test).")
   return ["config", "step", "split"] + names
 
@@ -58,10 +68,11 @@ def _user_errors():
   from hvlm_jax.config import ConfigError
   from hvlm_jax.data import AnnotationError, VideoError
   from hvlm_jax.data.synthetic import DatasetError
+  from hvlm_jax.eval.predict import PredictionError
   from hvlm_jax.train.trainer import TrainingError
   return (ConfigError, AnnotationError, VideoError, DatasetError, FileNotFoundError,
           CheckpointNotFoundError, CheckpointMismatchError, CheckpointCorruptError,
-          TrainingError)
+          TrainingError, PredictionError)
 
 
 def _quiet_libraries(record: logging.LogRecord) -> bool:
@@ -81,7 +92,7 @@ def _initialize_distributed():
 
 def _main(command: str, overrides: dict[str, str]):
   def main(argv):
-    if len(argv) > 1:
+    if len(argv) > 1 and command != "predict":
       raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not FLAGS.workdir:
       raise app.UsageError("--workdir is required.")
@@ -104,6 +115,11 @@ def _main(command: str, overrides: dict[str, str]):
           logging.warning("--config=%s is not used: %s reads the run's own "
                           "WORKDIR/config.json; override keys with --config.a.b=value.",
                           FLAGS.config, command)
+        if command == "predict":
+          from hvlm_jax.eval.predict import predict_videos
+          predict_videos(FLAGS.workdir, argv[1:], questions=FLAGS.question, step=FLAGS.step,
+                         out=FLAGS.out, domain=FLAGS.domain, overrides=overrides)
+          return
         from hvlm_jax.eval.evaluate import evaluate_checkpoint
         evaluate_checkpoint(FLAGS.workdir, step=FLAGS.step, split=FLAGS.split,
                             overrides=overrides)

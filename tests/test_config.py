@@ -194,6 +194,7 @@ def test_encoder_resolves_frame_options_per_block_from_the_tokens_it_sees():
 # ----- layering and command lines ------------------------------------------------------------
 @pytest.mark.parametrize("package, forbidden", [
     ("hvlm_jax.eval.evaluate", "hvlm_jax.train"),
+    ("hvlm_jax.eval.predict", "hvlm_jax.train"),
     ("hvlm_jax.models.streaming_loss", "hvlm_jax.data"),
     ("hvlm_jax.models.model", "hvlm_jax.data"),
     ("hvlm_jax.run", "hvlm_jax.train"),
@@ -211,6 +212,7 @@ def test_package_layering(package, forbidden):
 @pytest.mark.parametrize("command, own, foreign", [
     ("train", ["--config", "--workdir"], ["--split", "--step"]),
     ("evaluate", ["--workdir", "--split", "--step"], []),
+    ("predict", ["--workdir", "--step", "--question", "--out"], ["--split"]),
 ])
 def test_help_lists_the_commands_own_flags(command, own, foreign):
   result = subprocess.run([sys.executable, "-m", f"hvlm_jax.{command}", "--help"], cwd=ROOT,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 
 import jax
@@ -59,11 +60,13 @@ def make_eval_step(config, model):
 
 
 def run_split(config, model, params, split_data, vocabs, mesh, *, max_batches: int = 0,
-              progress: bool = False):
+              progress=False):
   """Runs the model over a split; (mean losses, per-video prediction records).
 
   A StreamingVLM streams the videos longer than model.streaming.auto_threshold segments
-  (hvlm_jax/models/streaming.py); losses average over clip-length and streamed videos."""
+  (hvlm_jax/models/streaming.py); losses average over clip-length and streamed videos.
+  `progress`: True for a progress bar, or a tqdm bar to extend (its total grows by the
+  clip and streamed batches)."""
   long_split = None
   if isinstance(model, streaming.StreamingVLM):
     split_data, long_split = segments_lib.split_by_length(config, split_data)
@@ -73,15 +76,22 @@ def run_split(config, model, params, split_data, vocabs, mesh, *, max_batches: i
   batches = iter(()) if not len(split_data) else data_lib.eval_batches(config, split_data, vocabs,
                                   process_index=jax.process_index(),
                                   process_count=jax.process_count())
-  if progress:
+  bar = None
+  if progress:  # One bar over clip batches and streamed batches (and the caller's scoring).
     from tqdm import tqdm
-    n = data_lib.num_eval_batches(config, split_data)
-    batches = tqdm(batches, total=max_batches or n, desc=f"eval {split_data.name}",
-                   unit="batch")
+    n = (max_batches or data_lib.num_eval_batches(config, split_data)) if len(split_data) else 0
+    n += (math.ceil(len(long_split) / config.data.eval_batch_size)
+          if long_split is not None else 0)
+    bar = progress if hasattr(progress, "update") else tqdm(
+        total=0, desc=f"eval {split_data.name}", unit="batch")
+    bar.total += n
+    bar.refresh()
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.flax_logical_rules()):
     for i, batch in enumerate(batches):
       if max_batches and i >= max_batches:
         break
+      if bar is not None:
+        bar.update(1)
       losses, count, preds = eval_step(params, sharding.global_batch(batch, mesh))
       count = float(count)
       for k, v in losses.items():
@@ -98,6 +108,11 @@ def run_split(config, model, params, split_data, vocabs, mesh, *, max_batches: i
           sums[k] = sums.get(k, 0.0) + float(v) * count
         total += count
         records.extend(_records(jax.device_get(_local(preds)), batch, long_split, vocabs))
+        if bar is not None:
+          bar.set_postfix_str("streaming long videos")
+          bar.update(1)
+  if bar is not None and bar is not progress:
+    bar.close()
   return {k: v / max(total, 1.0) for k, v in sums.items()}, records
 
 
@@ -184,7 +199,8 @@ def score(records: list[dict], split_data, *, train_answers=None, meteor=False,
 def headline(metrics: dict) -> dict[str, float]:
   """The scalars that summarise a scored split (logged and used to rank checkpoints)."""
   out = {}
-  for task, key, name in (("detection", "mAP@0.50", "action_mAP@0.5"),
+  # Names are TensorBoard tags as they are (no "@"): logs, checkpoints and the board agree.
+  for task, key, name in (("detection", "mAP@0.50", "action_mAP_0.5"),
                           ("detection", "mAP", "action_mAP"),
                           ("qa", "accuracy", "qa_accuracy"),
                           ("captioning", "CIDEr", "caption_CIDEr"),
@@ -205,6 +221,11 @@ def evaluate_split(config, model, params, split_data, vocabs, mesh, *, max_batch
   except metrics_lib.EmptyEvaluationError as e:
     logging.warning("Validation metrics skipped: %s", e)
     scored = {}
+  # One name per metric: the scored accuracies replace the losses' teacher-forced ones.
+  for loss_key, scored_key in (("video_qa_accuracy", "qa_accuracy"),
+                               ("classification_accuracy", "classification_top1")):
+    if scored_key in scored:
+      losses.pop(loss_key, None)
   return dict(losses, **scored)
 
 
@@ -246,8 +267,12 @@ def evaluate_checkpoint(workdir: str, *, step="latest", split: str = "test",
                                                       mesh)
   logging.info("Restored parameters of %s step %d onto %d device(s).", workdir, step, mesh.size)
 
-  losses, records = run_split(config, model, params, split_data, vocabs, mesh, progress=True)
-  metrics = score(records, split_data, train_answers=train_answers, meteor=None)
+  from tqdm import tqdm
+  with tqdm(total=1, desc=f"eval {split}", unit="batch") as bar:  # +1: scoring.
+    losses, records = run_split(config, model, params, split_data, vocabs, mesh, progress=bar)
+    bar.set_postfix_str(f"scoring {len(records)} videos")
+    metrics = score(records, split_data, train_answers=train_answers, meteor=None)
+    bar.update(1)
   unscored = _unscored_videos(split_data, records, config)
   metrics["meta"] = dict(split=split, step=step, videos=len(records), workdir=workdir,
                          **unscored, **skipped_steps,

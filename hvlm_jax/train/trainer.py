@@ -28,6 +28,7 @@ from hvlm_jax import sharding
 from hvlm_jax.checkpoint import Checkpointer, CheckpointNonFiniteError, abstract_with_shardings
 from hvlm_jax.data import segments as segments_lib
 from hvlm_jax.eval import evaluate as evaluate_lib
+from hvlm_jax.eval import predict as predict_lib
 from hvlm_jax.models import model as model_lib
 from hvlm_jax.models import streaming, streaming_loss
 from hvlm_jax.models.domain import lora
@@ -327,16 +328,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   start_step = int(state.step)
 
   # ----- evaluation ----------------------------------------------------------------------
+  # A few fixed validation videos are drawn at each evaluation (TensorBoard images).
+  image_split = dataclasses.replace(val_split, entries=val_split.entries[
+      :tr.get("eval_images", 3) if config.data.input != "features" else 0])
+  predictor = predict_lib.Predictor(config, model, vocabs, mesh) if len(image_split) else None
+
   def run_eval(step):
+    t0 = time.perf_counter()
+    logging.info("Evaluating %d validation videos at step %d%s.", len(val_split), step,
+                 "" if writer.evaluated else " (the first evaluation compiles its programs)")
     metrics = evaluate_lib.evaluate_split(config, model, state.params, val_split, vocabs,
                                           mesh, max_batches=tr.get("eval_max_batches", 0))
     scalars = {f"val_{k}": v for k, v in metrics.items() if np.isscalar(v)}
-    writer.write_scalars(step, scalars)
-    logging.info("eval @ %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in scalars.items()))
+    writer.write_scalars(step, {k[len("val_"):]: v for k, v in scalars.items()}, prefix="val/")
+    if predictor is not None:
+      writer.write_images(step, predict_lib.validation_images(
+          predictor, state.params, image_split, config))
+    seconds = time.perf_counter() - t0
+    writer.exclude(seconds)
+    writer.evaluated = True
+    writer.write_scalars(step, {"eval_seconds": seconds}, prefix="perf/")
+    logging.info("eval @ %d (%.1f s): %s", step, seconds,
+                 " ".join(f"{k}={v:.4f}" for k, v in scalars.items()))
     return scalars
 
   # ----- loop ----------------------------------------------------------------------------
   writer = MetricWriter(os.path.join(workdir, "tensorboard"), total_steps)
+  writer.write_config(config)
+  compiled = set()  # Merging ratios whose train step has been compiled.
   stop = _StopSignal(ckpt.manager)
   nonfinite = _NonfiniteGuard(config)
   train_rng = jax.random.fold_in(rng, 1)
@@ -357,7 +376,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           steps_by_ratio[ratio] = make_train_step(
               config_r, run_lib.build_model(config_r), run.tx, run.schedule,
               run.state_shardings, mesh)
+        if ratio not in compiled:
+          logging.info("Compiling the train step%s ...", f" (merging ratio {ratio})"
+                       if merge_weights is not None else "")
+          t_compile = time.perf_counter()
         state, metrics = steps_by_ratio[ratio](state, batch, train_rng, merge_weights)
+        if ratio not in compiled:
+          jax.block_until_ready(metrics)
+          seconds = time.perf_counter() - t_compile
+          compiled.add(ratio)
+          writer.exclude(seconds)
+          writer.write_scalars(step + 1, {"compile_seconds": seconds}, prefix="perf/")
+          logging.info("Train step compiled and run once in %.1f s.", seconds)
         if merge_weights is not None:
           metrics = dict(metrics, compression_ratio=ratio, saliency_on=merge_weights[1])
         step += 1
@@ -375,7 +405,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           summary["clips_per_second"] = rate * config.data.batch_size
           summary["data_wait_fraction"] = t_data * rate / tr.log_every_steps if rate else 0.0
           t_data = 0.0
-          writer.write_scalars(step, summary, prefix="train/")
+          writer.write_train(step, summary)
           writer.log_progress(step, summary, rate)
         eval_now = tr.eval_every_steps > 0 and (step % tr.eval_every_steps == 0
                                                 or step == total_steps)
@@ -383,12 +413,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           eval_scalars = run_eval(step)
         stopping = stop.reached(step) or step == stop_at_step
         if step % tr.checkpoint_every_steps == 0 or step == total_steps or stopping:
+          t_save = time.perf_counter()
           try:
             ckpt.save(step, state, train_iter, config,
                       metrics=eval_scalars if eval_now else None, force=True)
           except CheckpointNonFiniteError as e:
             raise TrainingError(f"{e} Training stopped; the checkpoints in {ckpt.directory} "
                                 f"(steps {ckpt.all_steps()}) are all finite.") from None
+          writer.exclude(time.perf_counter() - t_save)
+          logging.info("Checkpoint of step %d saving to %s.", step, ckpt.directory)
         if stopping:
           logging.info("Stopped at step %d with a checkpoint; rerun to continue.", step)
           break
@@ -402,6 +435,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     return eval_scalars
   if is_main:
     _write_json(os.path.join(workdir, "final_metrics.json"), dict(step=step, **eval_scalars))
+    logging.info("Done at step %d. Results in %s: checkpoints/, final_metrics.json, "
+                 "tensorboard/ (tensorboard --logdir %s); predict with python -m "
+                 "hvlm_jax.predict --workdir=%s VIDEO.mp4", step, workdir,
+                 os.path.join(workdir, "tensorboard"), workdir)
   return eval_scalars
 
 
