@@ -76,6 +76,8 @@ def test_settings_name_footage_only_when_set_and_reject_unknown_keys():
       domains=list(synthetic.DOMAINS), synthetic=dict(
           seed=0, num_videos=dict(training=1), frame_size=32, num_frames=8, fps=4))))
   assert "footage" not in synthetic.settings_from_config(config)
+  config.data.synthetic.footage = dict(footage.DEFAULTS)  # Declared at its defaults: no-op.
+  assert "footage" not in synthetic.settings_from_config(config)
   config.data.synthetic.footage = dict(pan=(1, 0), noise=0.01)
   got = synthetic.settings_from_config(config)["footage"]
   assert got == dict(footage.DEFAULTS, pan=(1.0, 0.0), noise=0.01)

@@ -357,8 +357,14 @@ def settings_from_config(config) -> dict:
               frame_size=int(syn.frame_size), num_frames=int(syn.num_frames),
               fps=int(syn.fps), max_objects=int(syn.get("max_objects", 3)),
               domains=[d for d in config.data.domains if d in DOMAINS] or list(DOMAINS),
-              # Only when set, so datasets made without it keep their marker (and bytes).
-              **({"footage": footage.validate(syn.footage)} if syn.get("footage") else {}))
+              **_footage_settings(syn))
+
+
+def _footage_settings(syn) -> dict:
+  """{"footage": options} when config.data.synthetic.footage differs from footage.DEFAULTS,
+  else {}: datasets made without it keep their marker (and their bytes)."""
+  options = footage.validate(syn.get("footage") or {})
+  return {} if options == footage.validate({}) else {"footage": options}
 
 
 def generate_dataset(root: str, settings: dict, *, num_processes: int | None = None,
