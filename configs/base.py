@@ -36,6 +36,9 @@ def get_config(arg=None):
   data.read_threads = 2  # grain threads per process calling the decoder (PyAV drops the GIL).
   data.memory_cache_mb = 0  # >0: keep decoded videos in memory up to this budget per process.
   data.shuffle_buffer_seed = 0
+  # True: every video in DATA/{split}/videos is used, with or without annotations (masked-video
+  # pretraining on unlabeled videos; the annotations folder may be absent).
+  data.unlabeled = False
   data.strict = False  # True: videos without annotations (and vice versa) are errors.
   data.max_corrupt_videos = 10  # Skipped corrupt videos in training before it becomes an error.
   data.max_segments = 8  # Action segments per video after padding.
@@ -68,6 +71,10 @@ def get_config(arg=None):
   data.synthetic.fps = 12
   data.synthetic.seed = 0
   data.synthetic.max_objects = 3  # Shapes per clip, 1 to 3.
+  # Real-footage properties (hvlm_jax/data/footage.py): camera pan (px/frame) and zoom over a
+  # textured world, sensor noise (std in [0, 1] units), JPEG-like quality (0: none).
+  data.synthetic.footage = ml_collections.ConfigDict(dict(
+      pan=(0.0, 0.0), zoom=1.0, texture=0.0, noise=0.0, quality=0))
 
   # ----- model --------------------------------------------------------------------------
   config.model = model = ml_collections.ConfigDict()
@@ -86,6 +93,20 @@ def get_config(arg=None):
   # the patch grid, then the tubelet's frames projected (Xiao et al. 2021; see encoder.py);
   # "hybrid": the sum of both.
   model.stem = "patch"
+  # Encoder architecture (defaults: the ViViT-style encoder above). init_from=hf:DIR sets them
+  # from the checkpoint's config.json (VideoMAE, ViViT; README "Start from a pretrained
+  # backbone"), so they rarely need writing by hand.
+  model.position_embedding = "factorised"  # "factorised" (time + space), "joint", "sinusoidal".
+  model.cls_token = False  # A CLS token (ViViT), kept last in the sequence.
+  model.qkv_bias = "qkv"  # Projections with a bias: "qkv", "qv" (VideoMAE) or "none".
+  model.layer_norm_epsilon = 1e-6
+  model.gelu = "tanh"  # "tanh" (approximation) or "exact" (erf).
+  model.final_norm = True  # LayerNorm after the last block.
+  model.pooling = "none"  # Pooled output: "none", "mean" (+ fc_norm, VideoMAE), "cls".
+  model.pool_norm_epsilon = 1e-5  # fc_norm's epsilon (pooling="mean").
+  model.pixel_mean = (0.45, 0.45, 0.45)  # Per channel, on [0, 1] pixels.
+  model.pixel_std = (0.225, 0.225, 0.225)
+  model.pixel_channel_order = "rgb"  # "rgb" or "bgr" (the encoder flips before normalising).
   model.dtype = "float32"  # Compute dtype; training.mixed_precision switches it to bfloat16.
   model.param_dtype = "float32"
 
@@ -135,8 +156,10 @@ def get_config(arg=None):
   tm.features_mode = "similarity"  # Features input: "similarity" (ToMe only) or "off".
   tm.flow = ml_collections.ConfigDict(dict(
       levels=3, iterations=5, window_sigma=2.0,
+      smooth_sigma=2.0,  # Flow regularisation / extrapolation std (px per level); 0: off.
+      camera_compensation=True,  # Motion relative to each frame pair's camera motion.
       cells_per_token=4,  # Flow resolution: grid * cells_per_token pixels per side.
-      min_motion=0.5))  # Pixels; motion scores are m / max(max m, min_motion) per clip.
+      min_motion=0.5))  # Pixels; scores m^2 / (m^2 + s^2), s = max(clip median m, min_motion).
   tm.saliency = ml_collections.ConfigDict(dict(
       edge=1.0, color_contrast=1.0, spectral_residual=1.0, center_prior=0.5,
       attention=0.0,  # Attention-entropy saliency on the tokens at each merge (vid-TLDR).
@@ -165,7 +188,9 @@ def get_config(arg=None):
   heads.num_classes = 10  # Action classes (classification and detection).
   heads.vocab_size = 1000  # Word vocabulary (questions and captions).
   heads.num_answers = 1000  # Answer classes.
-  heads.classification_pooling = "attention"  # "attention" (learned probe) or "mean".
+  # "attention" (learned probe), "mean" or "encoder" (the encoder's pooled output, model.pooling,
+  # straight into the logits layer: an imported HF classifier's exact logits).
+  heads.classification_pooling = "attention"
   heads.text = ml_collections.ConfigDict(dict(num_heads=0, mlp_dim=0, dropout_rate=0.0))
   heads.detection = ml_collections.ConfigDict(dict(
       num_layers=2, kernel_size=3, loss="focal", focal_alpha=0.25, focal_gamma=2.0,
@@ -200,6 +225,13 @@ def get_config(arg=None):
   tr.gradient_checkpointing = False
   tr.remat_policy = "nothing_saveable"
   tr.gradient_accumulation_steps = 1  # Micro-batches per optimizer update.
+  # "supervised" (the task heads) or "masked_video" (VideoMAE pretraining of the encoder on
+  # unlabeled clips: tube masking, pixel reconstruction; hvlm_jax/models/pretraining.py).
+  # Fine-tune afterwards with init_from=PRETRAIN_WORKDIR.
+  tr.objective = "supervised"
+  tr.masked_video = ml_collections.ConfigDict(dict(
+      mask_ratio=0.9, decoder_width=0, decoder_layers=2,  # Width 0: half the encoder's.
+      decoder_heads=0, norm_pix=True))  # Heads 0: the encoder's; norm_pix: per-patch targets.
   tr.finetune = "full"  # "full", "lora" (adapters + router + heads) or "lora_only".
   # "none", "inverse_frequency" or "sports=2,news=1,..." (sampling weight per domain).
   tr.domain_balancing = "none"

@@ -21,18 +21,22 @@ import os
 import time
 from typing import Any
 
+import flax
 import jax
 import ml_collections
 import numpy as np
 from flax import linen as nn
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hvlm_jax import data as data_lib
+from hvlm_jax import pretrained
 from hvlm_jax import sharding
 from hvlm_jax.checkpoint import CheckpointMismatchError, Checkpointer, abstract_with_shardings
 from hvlm_jax.config import ConfigError, apply_overrides
 from hvlm_jax.data import validation as data_validation
 from hvlm_jax.models import attention as attention_lib
 from hvlm_jax.models import model as model_lib
+from hvlm_jax.models import pretraining
 from hvlm_jax.models import streaming
 from hvlm_jax.models.token_merging import MergingSpec, merge_schedule
 
@@ -75,6 +79,12 @@ def validate(config, num_devices: int, *, training: bool = True) -> None:
     merge_schedule(steps * per_frame, config.model.num_layers, spec.target_compression_ratio,
                    spec.schedule, spec.protect_fraction)
   streaming.streaming_options(config.model)
+  if pretraining.objective(config) == "masked_video":
+    pretraining.options(config)
+    if streaming.trains_with_memory(config) or config.data.input == "features":
+      raise ConfigError("config.training.objective='masked_video' reconstructs pixels of "
+                        "clips: it needs config.data.input 'video' or 'cache' and "
+                        "config.model.streaming.train_segments=0.")
   data_validation.validate_config(config)
   if config.model.domain_modules.num_domains != len(config.data.domains):
     raise ConfigError(f"config.model.domain_modules.num_domains="
@@ -328,6 +338,8 @@ def move_run_aside(workdir: str, reason: str = "") -> str:
 def build_model(config) -> model_lib.HierarchicalVLM:
   """The model of a config: a StreamingVLM when streaming is on (it is HierarchicalVLM on
   clips), else HierarchicalVLM."""
+  if pretraining.objective(config) == "masked_video":
+    return pretraining.build_model(config)
   return streaming.build_model(config)
 
 
@@ -373,23 +385,85 @@ def restore_params(ckpt: Checkpointer, step: int, model, example: dict, mesh):
   return streaming.add_memory_params(params, {"memory_reader": fresh["memory_reader"]})
 
 
-def init_from(source: str, params, abstract, *, workdir: str | None = None):
+HF_PREFIX = "hf:"  # config.init_from="hf:/path/to/dir": a Hugging Face checkpoint directory.
+
+
+def hf_init_source(config) -> str | None:
+  """The checkpoint directory of `config.init_from="hf:DIR"`, else None."""
+  source = str(config.get("init_from", "") or "")
+  if not source.startswith(HF_PREFIX):
+    return None
+  return os.path.abspath(os.path.expanduser(source[len(HF_PREFIX):]))
+
+
+def apply_init_from_architecture(config, explicit_keys=()):
+  """With `init_from="hf:DIR"`: `config` with the encoder architecture keys of DIR's
+  config.json (each replacement logged); a key in `explicit_keys` (set on the command line)
+  that contradicts the checkpoint raises PretrainedError naming both values. Else `config`."""
+  path = hf_init_source(config)
+  if path is None:
+    return config
+  return pretrained.apply_hf_architecture(config, path, set(explicit_keys))
+
+
+def check_init_from(config) -> None:
+  """With `init_from="hf:DIR"`: every tensor the configured encoder needs is in DIR with its
+  shape and the files are whole (PretrainedError naming the file and tensor otherwise),
+  checked from the file headers on abstract parameters, so a bad checkpoint fails before the
+  run writes anything."""
+  path = hf_init_source(config)
+  if path is None:
+    return
+  encoder = model_lib.build_encoder(ml_collections.FrozenConfigDict(config.model),
+                                    token_merging=None)
+  video = config.data.video
+  shape = ((1, video.num_frames, config.data.features_dim)
+           if config.data.get("input", "video") == "features"
+           else (1, video.num_frames, video.frame_size, video.frame_size, 3))
+  abstract = jax.eval_shape(lambda r, x: nn.meta.unbox(encoder.init(r, x))["params"],
+                            jax.random.key(0), jax.ShapeDtypeStruct(shape, np.float32))
+  pretrained.load_hf_params(path, {"encoder": abstract}, None, config, check_only=True)
+
+
+def init_from(source: str, params, abstract, *, config=None):
   """`config.init_from`: parameters from another run's checkpoint (`WORKDIR` or
-  `WORKDIR:STEP`) where path and shape match, the rest kept fresh (both lists logged).
-  Returns (params, report), the report listing what was loaded and what stayed fresh."""
+  `WORKDIR:STEP`, e.g. a masked-video pretraining run) where path and shape match; the rest
+  keep their fresh initialisation. Only the matching tensors are read, each straight into its
+  sharding. Returns (params, report) with the tensors loaded, kept fresh and ignored.
+
+  `hf:DIR` (needs `config`, whose architecture keys apply_init_from_architecture set): the
+  encoder from a Hugging Face checkpoint directory (hvlm_jax.pretrained.load_hf_params, each
+  tensor read straight into its sharding, position tables interpolated to the clip's grid);
+  the report lists loaded, interpolated, ignored and newly_initialised."""
+  if source.startswith(HF_PREFIX):
+    if config is None:
+      raise ValueError("init_from('hf:...') needs the run's config.")
+    return pretrained.load_hf_params(hf_init_source(dict(init_from=source)), params,
+                                     abstract, config)
   path, _, step = source.partition(":")
   ckpt = Checkpointer(path, read_only=True, async_save=False)
   step = ckpt.resolve(step or "latest")
-  restored = ckpt.restore_params(step, abstract)
-  taken, kept = [], []
-
-  def pick(kp, new, old):
-    (taken if new.shape == old.shape else kept).append(jax.tree_util.keystr(kp))
-    return new if new.shape == old.shape else old
-  merged = jax.tree_util.tree_map_with_path(pick, restored, params)
-  logging.info("init_from %s step %d: %d tensors loaded, %d kept fresh.", path, step,
-               len(taken), len(kept))
-  return merged, dict(source=source, step=int(step), loaded=taken, initialised=kept)
+  stored = ckpt.manager.item_metadata(step)["params"]
+  stored = flax.traverse_util.flatten_dict(getattr(stored, "tree", stored))
+  ours = flax.traverse_util.flatten_dict(abstract)
+  replicated = NamedSharding(next(iter(ours.values())).sharding.mesh, P())
+  matched = {k for k, v in stored.items() if k in ours and tuple(v.shape) == ours[k].shape}
+  target = {k: ours[k] if k in matched else
+            jax.ShapeDtypeStruct(tuple(v.shape), v.dtype, sharding=replicated)
+            for k, v in stored.items()}
+  restored = flax.traverse_util.flatten_dict(
+      ckpt.restore_params(step, flax.traverse_util.unflatten_dict(target)))
+  fresh = flax.traverse_util.flatten_dict(params)
+  merged = {k: restored[k] if k in matched else v for k, v in fresh.items()}
+  name = "/".join
+  report = dict(source=source, step=int(step),
+                loaded=sorted(name(k) for k in matched),
+                initialised=sorted(name(k) for k in fresh if k not in matched),
+                ignored=sorted(name(k) for k in stored if k not in matched))
+  logging.info("init_from %s step %d: %d tensors loaded, %d initialised fresh, %d in the "
+               "checkpoint ignored (all listed in init_report.json).", path, step,
+               len(report["loaded"]), len(report["initialised"]), len(report["ignored"]))
+  return flax.traverse_util.unflatten_dict(merged), report
 
 
 def parameter_count(params) -> int:
@@ -415,6 +489,6 @@ def enable_compilation_cache(config=None) -> str | None:
   directory = os.path.abspath(os.path.expanduser(setting))
   os.makedirs(directory, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", directory)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   return directory

@@ -98,7 +98,11 @@ def load_split(config, split: str, *, training: bool | None = None,
     found_any = True
     for i, raw in enumerate(_read_list(path)):
       _merge(entries, parse_entry(raw, task, path, i, domains), path, i)
-  if not found_any:
+  unlabeled = bool(data.get("unlabeled", False))
+  if unlabeled and not features:  # Every video is an entry; annotations, if any, still count.
+    for vid, name in files.items():
+      entries.setdefault(vid, VideoEntry(video_id=vid, path=name))
+  elif not found_any:
     raise FileNotFoundError(
         f"No annotation files in {os.path.join(split_dir, 'annotations')} (expected one of "
         f"{', '.join(t + '.json' for t in TASK_FILES)}).")

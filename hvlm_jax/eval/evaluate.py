@@ -19,6 +19,7 @@ import math
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import linen as nn
@@ -227,6 +228,28 @@ def evaluate_split(config, model, params, split_data, vocabs, mesh, *, max_batch
     if scored_key in scored:
       losses.pop(loss_key, None)
   return dict(losses, **scored)
+
+
+def evaluate_reconstruction(config, model, params, split_data, vocabs, mesh, *,
+                            max_batches: int = 0) -> dict:
+  """Masked-video pretraining: mean reconstruction loss over the split's valid clips (the
+  same deterministic tube mask every time), as {"loss", "reconstruction_loss"}."""
+  @jax.jit
+  def step(params, batch):
+    out = model.apply({"params": params}, batch, train=False)
+    valid = batch["valid"].astype(jnp.float32)
+    return (out["per_example_loss"] * valid).sum(), valid.sum()
+  total, count = 0.0, 0.0
+  batches = data_lib.eval_batches(config, split_data, vocabs, process_index=jax.process_index(),
+                                  process_count=jax.process_count())
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.flax_logical_rules()):
+    for i, batch in enumerate(batches):
+      if max_batches and i >= max_batches:
+        break
+      loss_sum, n = step(params, sharding.global_batch(batch, mesh))
+      total, count = total + float(loss_sum), count + float(n)
+  loss = total / max(count, 1.0)
+  return dict(loss=loss, reconstruction_loss=loss)
 
 
 def evaluate_checkpoint(workdir: str, *, step="latest", split: str = "test",

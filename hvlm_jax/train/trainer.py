@@ -30,6 +30,7 @@ from hvlm_jax.data import segments as segments_lib
 from hvlm_jax.eval import evaluate as evaluate_lib
 from hvlm_jax.eval import predict as predict_lib
 from hvlm_jax.models import model as model_lib
+from hvlm_jax.models import pretraining
 from hvlm_jax.models import streaming, streaming_loss
 from hvlm_jax.models.domain import lora
 from hvlm_jax.train import state as state_lib
@@ -116,6 +117,11 @@ def make_train_step(config, model, tx, schedule, state_shardings, mesh):
     dropout_rng, features_rng = jax.random.split(rng)
 
     def loss_fn(params):
+      if pretraining.objective(config) == "masked_video":
+        outputs = model.apply({"params": params}, batch, train=True, rngs={
+            "dropout": dropout_rng, "features": features_rng,
+            "masking": jax.random.fold_in(rng, 2)})
+        return pretraining.compute_losses(outputs, batch, config)
       if streaming.trains_with_memory(config):  # Batches of consecutive segments per video.
         return streaming_loss.streaming_loss(
             model, params, batch, config, merge_weights=merge_weights,
@@ -235,6 +241,7 @@ class _NonfiniteGuard:
       self.total += bad
       self.in_a_row = self.in_a_row + 1 if bad else 0
       if self.in_a_row >= self.limit:
+        ckpt.wait()  # The message lists the checkpoints on disk, saves in flight included.
         raise TrainingError(
             f"The loss or gradient norm was NaN/Inf at {self.in_a_row} step(s) in a row up to "
             f"step {last_step - len(flags) + i + 1} (training.nonfinite={self.mode!r}, "
@@ -243,14 +250,19 @@ class _NonfiniteGuard:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       stop_at_step: int | None = None) -> dict:
+                       stop_at_step: int | None = None, explicit_keys=()) -> dict:
   """Trains per `config`, checkpointing into `workdir`; returns the last eval metrics.
 
   `stop_at_step` leaves the loop after that step with a checkpoint, as a preemption would
   (the schedule still spans the configured total, so a restart continues the same run).
+  `explicit_keys`: dotted keys set on the command line; with `init_from="hf:DIR"` the
+  encoder architecture keys come from DIR's config.json and such a key contradicting it is
+  an error (PretrainedError naming both values).
   """
   # ----- setup ---------------------------------------------------------------------------
+  config = run_lib.apply_init_from_architecture(config, explicit_keys)
   run_lib.validate(config, jax.device_count())
+  run_lib.check_init_from(config)  # hf:DIR whole and matching, before anything is written.
   workdir = os.path.abspath(workdir)
   run_lib.check_workdir(config, workdir)  # One run per workdir: refuses a changed model.
   os.makedirs(workdir, exist_ok=True)
@@ -321,7 +333,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     state = restored
     logging.info("Resumed from %s/%d.", ckpt.directory, step)
   elif config.get("init_from"):
-    params, report = run_lib.init_from(config.init_from, state.params, abstract_state.params)
+    params, report = run_lib.init_from(config.init_from, state.params, abstract_state.params,
+                                       config=config)
     state = state.replace(params=params)
     if is_main:
       _write_json(os.path.join(workdir, "init_report.json"), report)
@@ -331,14 +344,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # A few fixed validation videos are drawn at each evaluation (TensorBoard images).
   image_split = dataclasses.replace(val_split, entries=val_split.entries[
       :tr.get("eval_images", 3) if config.data.input != "features" else 0])
-  predictor = predict_lib.Predictor(config, model, vocabs, mesh) if len(image_split) else None
+  predictor = (predict_lib.Predictor(config, model, vocabs, mesh)
+               if len(image_split) and pretraining.objective(config) == "supervised" else None)
 
   def run_eval(step):
     t0 = time.perf_counter()
     logging.info("Evaluating %d validation videos at step %d%s.", len(val_split), step,
                  "" if writer.evaluated else " (the first evaluation compiles its programs)")
-    metrics = evaluate_lib.evaluate_split(config, model, state.params, val_split, vocabs,
-                                          mesh, max_batches=tr.get("eval_max_batches", 0))
+    evaluate_fn = (evaluate_lib.evaluate_reconstruction
+                   if pretraining.objective(config) == "masked_video"
+                   else evaluate_lib.evaluate_split)
+    metrics = evaluate_fn(config, model, state.params, val_split, vocabs, mesh,
+                          max_batches=tr.get("eval_max_batches", 0))
     scalars = {f"val_{k}": v for k, v in metrics.items() if np.isscalar(v)}
     writer.write_scalars(step, {k[len("val_"):]: v for k, v in scalars.items()}, prefix="val/")
     if predictor is not None:
