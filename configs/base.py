@@ -241,6 +241,11 @@ def get_config(arg=None):
   tr.compression_warmup_steps = 0
   tr.compression_stages = 3
   tr.saliency_start_step = 0
+  # Performance: "start,end" traces those steps into WORKDIR/profile (TensorBoard's profile
+  # plugin, Perfetto); peak_flops (per device) enables perf/mfu where the platform table
+  # (hvlm_jax/train/perf.py) does not know the device (0: use the table).
+  tr.profile_steps = ""
+  tr.peak_flops = 0.0
   tr.log_every_steps = 50
   tr.eval_every_steps = 1000  # 0: no evaluation during training.
   tr.eval_max_batches = 0  # 0: the whole validation split.

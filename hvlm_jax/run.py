@@ -149,6 +149,15 @@ def _validate_training(config) -> None:
               "gradient_accumulation_steps", "compression_stages"):
     if tr[key] < 1:
       raise ConfigError(f"config.training.{key}={tr[key]} must be >= 1.")
+  peak = tr.get("peak_flops", 0.0)
+  if not isinstance(peak, (int, float)) or not math.isfinite(peak) or peak < 0:
+    raise ConfigError(f"config.training.peak_flops={peak!r} must be a finite number >= 0.")
+  profile = str(tr.get("profile_steps", "") or "").replace("-", ",")
+  bounds = [b.strip() for b in profile.split(",")] if profile else []
+  if profile and (len(bounds) != 2 or not all(b.isdigit() for b in bounds)
+                  or int(bounds[0]) > int(bounds[1])):
+    raise ConfigError(f"config.training.profile_steps={tr.profile_steps!r} must be "
+                      "'start,end' with 0 <= start <= end (or empty).")
   for key in ("eval_every_steps", "eval_max_batches", "keep_best_checkpoints",
               "compression_warmup_steps", "saliency_start_step"):
     if tr[key] < 0:

@@ -18,7 +18,8 @@ import time
 import jax
 import numpy as np
 
-PERF_KEYS = ("steps_per_second", "clips_per_second", "data_wait_fraction")
+PERF_KEYS = ("steps_per_second", "clips_per_second", "data_wait_fraction",
+             "clips_per_second_per_device", "model_tflops_per_second_per_device", "mfu")
 # Keys of the config shown as hparams (the HPARAMS tab compares runs by them).
 HPARAM_KEYS = ("model.attention.type", "model.hidden_size", "model.num_layers",
                "model.tubelet_size", "model.token_merging.enabled",

@@ -33,6 +33,7 @@ from hvlm_jax.models import model as model_lib
 from hvlm_jax.models import pretraining
 from hvlm_jax.models import streaming, streaming_loss
 from hvlm_jax.models.domain import lora
+from hvlm_jax.train import perf as perf_lib
 from hvlm_jax.train import state as state_lib
 from hvlm_jax.train.metric_writer import MetricWriter
 
@@ -131,7 +132,7 @@ def make_train_step(config, model, tx, schedule, state_shardings, mesh):
       return model_lib.compute_losses(outputs, batch, config)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -379,6 +380,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   eval_scalars, step = {}, start_step
   pending = []
   logging.info("Training steps %d -> %d.", start_step, total_steps)
+  profiler = perf_lib.Profiler.from_config(config, workdir)
+  peak = perf_lib.peak_flops(dtype=model_lib.compute_dtype(config), config=config)
+  step_flops = 0.0
   try:
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.flax_logical_rules()):
       writer.steps_per_second(step)
@@ -397,14 +401,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           logging.info("Compiling the train step%s ...", f" (merging ratio {ratio})"
                        if merge_weights is not None else "")
           t_compile = time.perf_counter()
-        state, metrics = steps_by_ratio[ratio](state, batch, train_rng, merge_weights)
+          # Compiled ahead of the call: the same executable runs and reports its FLOPs.
+          steps_by_ratio[ratio] = steps_by_ratio[ratio].lower(
+              state, batch, train_rng, merge_weights).compile()
+          step_flops, flops_source = perf_lib.train_step_flops(
+              steps_by_ratio[ratio], config, config.data.batch_size)
+        profiler.step(step)
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+          state, metrics = steps_by_ratio[ratio](state, batch, train_rng, merge_weights)
         if ratio not in compiled:
           jax.block_until_ready(metrics)
           seconds = time.perf_counter() - t_compile
           compiled.add(ratio)
           writer.exclude(seconds)
           writer.write_scalars(step + 1, {"compile_seconds": seconds}, prefix="perf/")
-          logging.info("Train step compiled and run once in %.1f s.", seconds)
+          logging.info("Train step compiled and run once in %.1f s; %.3g FLOPs per step (%s "
+                       "count), peak %s FLOP/s per device.", seconds, step_flops, flops_source,
+                       f"{peak:.3g}" if peak else "unknown (set training.peak_flops for MFU)")
         if merge_weights is not None:
           metrics = dict(metrics, compression_ratio=ratio, saliency_on=merge_weights[1])
         step += 1
@@ -421,6 +434,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           summary["steps_per_second"] = rate
           summary["clips_per_second"] = rate * config.data.batch_size
           summary["data_wait_fraction"] = t_data * rate / tr.log_every_steps if rate else 0.0
+          summary["clips_per_second_per_device"] = summary["clips_per_second"] / mesh.size
+          achieved = step_flops * rate / mesh.size  # Model FLOP/s per device.
+          summary["model_tflops_per_second_per_device"] = achieved / 1e12
+          if peak:
+            summary["mfu"] = achieved / peak
           t_data = 0.0
           writer.write_train(step, summary)
           writer.log_progress(step, summary, rate)
@@ -443,6 +461,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           logging.info("Stopped at step %d with a checkpoint; rerun to continue.", step)
           break
   finally:
+    profiler.close()
     ckpt.close()
     writer.close()
     stop.restore()

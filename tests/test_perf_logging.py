@@ -1,0 +1,32 @@
+"""The trainer's performance logging: FLOPs of the compiled step, per-device throughput, MFU
+against a given peak, compile time, and a profiler trace of the steps asked for."""
+import glob
+import os
+
+import numpy as np
+
+from hvlm_jax.train import trainer
+from hvlm_jax.train.metric_writer import read_scalars
+from test_train import train_config
+
+
+def test_perf_scalars_and_profile_trace(tmp_path):
+  config = train_config(num_steps=3, log_every_steps=1, checkpoint_every_steps=3,
+                        profile_steps="1,2", peak_flops=1e12)
+  config.mesh.data, config.mesh.tensor = 4, 2
+  workdir = str(tmp_path / "run")
+  trainer.train_and_evaluate(config, workdir)
+  scalars = read_scalars(os.path.join(workdir, "tensorboard"))
+  for tag in ("perf/compile_seconds", "perf/clips_per_second_per_device",
+              "perf/model_tflops_per_second_per_device", "perf/mfu", "perf/data_wait_fraction"):
+    assert tag in scalars, sorted(scalars)
+  (_, rate), = scalars["perf/steps_per_second"][-1:]
+  (_, tflops), = scalars["perf/model_tflops_per_second_per_device"][-1:]
+  (_, mfu), = scalars["perf/mfu"][-1:]
+  (_, per_device), = scalars["perf/clips_per_second_per_device"][-1:]
+  # The identities the trainer promises: MFU = achieved / peak, per device = total / 8.
+  np.testing.assert_allclose(mfu, tflops * 1e12 / 1e12, rtol=1e-5)
+  np.testing.assert_allclose(per_device, rate * config.data.batch_size / 8, rtol=1e-5)
+  flops_per_step = tflops * 1e12 * 8 / rate
+  assert 1e6 < flops_per_step < 1e12  # A 1-layer width-32 model on 4 clips of 8 x 32^2.
+  assert glob.glob(os.path.join(workdir, "profile", "**", "*.xplane.pb"), recursive=True)
