@@ -3,6 +3,7 @@
     python experiments/run.py --study=attention_ablation
     python experiments/run.py --study=merging_sweep --steps=200 --layers=2
     python experiments/run.py --study=experiments/lora_new_domain.py --variants=pretrain,scratch
+    python experiments/run.py --study=attention_ablation --seeds=0,1,2   # mean ± std per metric
 
 A study is a config file in experiments/ with VARIANTS (and optionally INIT_FROM, PER_DOMAIN;
 see experiments/common.py). Per variant, in table order: `train_and_evaluate` into
@@ -12,7 +13,10 @@ finished variant's row is saved to <out>/<study>/runs/<variant>.json and reused 
 with the same budget (--rerun to redo), so an interrupted study continues where it stopped;
 a failing variant is recorded with its error and the others still run.
 
-Writes <out>/<study>/results.{md,csv,json}. Wall-clock columns (train clips/s, train
+With --seeds, every variant runs once per seed (config.seed: initialisation and data order;
+a child in INIT_FROM starts from its parent of the same seed); the table reports mean ± sample
+std per metric and names the differences from the first variant larger than two standard
+errors of the difference. Writes <out>/<study>/results.{md,csv,json}. Wall-clock columns (train clips/s, train
 minutes) come from a machine that may be shared: compare them within one table only.
 """
 from __future__ import annotations
@@ -46,6 +50,8 @@ _SPLIT = flags.DEFINE_string("split", "test", "Split to score.")
 _OUT = flags.DEFINE_string("out", "benchmarks/studies", "Results directory.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/studies", "Training run directories.")
 _RERUN = flags.DEFINE_bool("rerun", False, "Ignore saved rows and train / evaluate again.")
+_SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds (config.seed: initialisation and data "
+                           "order); the table reports mean +- std over them.")
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", "", "config.data.dir for every variant (default: the config's). A private "
     "copy keeps a long study safe from others regenerating a shared synthetic dataset.")
@@ -79,21 +85,27 @@ class _TrainableCount(logging.Handler):
       self.text = message.split(":", 1)[1].split("(")[0].strip()
 
 
-def run_variant(study, study_name: str, name: str, workdir: str) -> dict:
-  """Trains and scores one variant; returns its row (metrics, budget, timings)."""
+def run_dir(workdir: str, name: str, seed: int) -> str:
+  """A variant's run directory for `seed` (seed 0 keeps the single-seed layout)."""
+  return os.path.join(workdir, name if seed == 0 else f"{name}_seed{seed}")
+
+
+def run_variant(study, study_name: str, name: str, workdir: str, seed: int = 0) -> dict:
+  """Trains and scores one variant with one seed; returns its row (metrics, budget, timings)."""
   from hvlm_jax.eval import evaluate as evaluate_lib
   from hvlm_jax.train import trainer
   arg = f"variant={name},steps={_STEPS.value},layers={_LAYERS.value},batch_size={_BATCH.value}"
   config = study.get_config(arg)
+  config.seed = seed
   if _DATA_DIR.value:
     config.data.dir = os.path.abspath(_DATA_DIR.value)
   parent = getattr(study, "INIT_FROM", {}).get(name)
   if parent:
-    config.init_from = os.path.abspath(os.path.join(workdir, parent))
+    config.init_from = os.path.abspath(run_dir(workdir, parent, seed))
     if not os.path.isdir(os.path.join(config.init_from, "checkpoints")):
       raise FileNotFoundError(f"Variant {name!r} starts from {parent!r}, which has no "
                               f"checkpoints in {config.init_from}; run {parent!r} first.")
-  wd = os.path.join(workdir, name)
+  wd = run_dir(workdir, name, seed)
   counter = _TrainableCount()
   logging.getLogger().addHandler(counter)
   load = [os.getloadavg()[0]]
@@ -104,14 +116,15 @@ def run_variant(study, study_name: str, name: str, workdir: str) -> dict:
     logging.getLogger().removeHandler(counter)
   train_s = time.perf_counter() - t0
   load.append(os.getloadavg()[0])
-  with open(os.path.join(wd, "final_metrics.json")) as f:
-    if json.load(f)["step"] < config.training.num_steps:  # SIGTERM: the trainer saved, stop.
-      raise StudyStopped(f"{name} stopped before step {config.training.num_steps}; rerun the "
-                         "same command to resume it.")
-  metrics = evaluate_lib.evaluate_checkpoint(config, wd, step="latest", split=_SPLIT.value)
+  final = os.path.join(wd, "final_metrics.json")  # Absent when stopped (SIGTERM) early.
+  if not os.path.exists(final):
+    raise StudyStopped(f"{name} (seed {seed}) stopped before step "
+                       f"{config.training.num_steps}; rerun the same command to resume it.")
+  metrics = evaluate_lib.evaluate_checkpoint(wd, step="latest", split=_SPLIT.value)
   scalars = read_scalars(os.path.join(wd, "tensorboard"))
   rates = [v for _, v in scalars.get("perf/clips_per_second", [])][1:]  # 1st: compile.
-  row = dict(variant=name, changes=describe(study.VARIANTS[name], parent), status="ok",
+  row = dict(variant=name, seed=seed, changes=describe(study.VARIANTS[name], parent),
+             status="ok",
              trainable=counter.text, steps=_STEPS.value, layers=_LAYERS.value,
              batch_size=_BATCH.value, train_loss=_last(scalars.get("train/loss")),
              test_loss=metrics.get("losses", {}).get("loss", float("nan")),
@@ -158,31 +171,34 @@ def main(argv):
   budget = dict(steps=_STEPS.value, layers=_LAYERS.value, batch_size=_BATCH.value,
                 split=_SPLIT.value, data_dir=_DATA_DIR.value)
   rows = []
-  for v in variants:
-    saved = os.path.join(out, "runs", f"{v}.json")
-    if os.path.exists(saved) and not _RERUN.value:
-      with open(saved) as f:  # Rows saved before metric names lost their "@".
-        row = {k.replace("mAP@0.5", "mAP_0.5"): v for k, v in json.load(f).items()}
-      if row.get("budget") == budget and row.get("status") == "ok":
-        logging.info("%s/%s: reusing %s", name, v, saved)
-        rows.append(row)
-        continue
-    logging.info("%s/%s: training %d steps", name, v, _STEPS.value)
-    try:
-      row = run_variant(study, name, v, workdir)
-    except StudyStopped as e:
-      logging.warning("%s", e)
-      break
-    except Exception as e:  # One broken variant must not lose the others' results.
-      logging.error("%s/%s failed:\n%s", name, v, traceback.format_exc())
-      row = dict(variant=v, changes=describe(study.VARIANTS[v], None),
-                 status=f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-    row["budget"] = budget
-    with open(saved + ".tmp", "w") as f:
-      json.dump(row, f, indent=1, default=float)
-    os.replace(saved + ".tmp", saved)
-    rows.append(row)
-    jax.clear_caches()
+  seeds = [int(x) for x in _SEEDS.value]
+  for seed in seeds:
+    for v in variants:
+      saved = os.path.join(out, "runs", f"{v}.json" if seed == 0 else f"{v}_seed{seed}.json")
+      if os.path.exists(saved) and not _RERUN.value:
+        with open(saved) as f:  # Rows saved before metric names lost their "@".
+          row = {k.replace("mAP@0.5", "mAP_0.5"): v for k, v in json.load(f).items()}
+        if row.get("budget") == budget and row.get("status") == "ok":
+          logging.info("%s/%s seed %d: reusing %s", name, v, seed, saved)
+          rows.append(dict(row, seed=row.get("seed", seed)))
+          continue
+      logging.info("%s/%s seed %d: training %d steps", name, v, seed, _STEPS.value)
+      try:
+        row = run_variant(study, name, v, workdir, seed)
+      except StudyStopped as e:
+        logging.warning("%s", e)
+        write_results(out, name, study, rows, budget)
+        return
+      except Exception as e:  # One broken variant must not lose the others' results.
+        logging.error("%s/%s failed:\n%s", name, v, traceback.format_exc())
+        row = dict(variant=v, seed=seed, changes=describe(study.VARIANTS[v], None),
+                   status=f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+      row["budget"] = budget
+      with open(saved + ".tmp", "w") as f:
+        json.dump(row, f, indent=1, default=float)
+      os.replace(saved + ".tmp", saved)
+      rows.append(row)
+      jax.clear_caches()
   write_results(out, name, study, rows, budget)
 
 
@@ -226,8 +242,57 @@ def _f(x, digits=3):
   return "-" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{digits}f}"
 
 
+METRIC_KEYS = ("train_loss", "test_loss") + tuple(k for k, _ in HEADLINE)
+
+
+def aggregate(rows) -> list[dict]:
+  """Per variant (first-seen order), over its successful seeds: n, seeds and, per metric,
+  (mean, sample standard deviation); the std is nan with a single seed."""
+  out = {}
+  for r in rows:
+    if r.get("status") != "ok":
+      continue
+    out.setdefault(r["variant"], dict(variant=r["variant"], changes=r["changes"],
+                                      trainable=r.get("trainable", ""), runs=[]))["runs"].append(r)
+  for a in out.values():
+    a["n"], a["seeds"] = len(a["runs"]), sorted(r.get("seed", 0) for r in a["runs"])
+    for k in METRIC_KEYS:
+      values = np.asarray([r[k] for r in a["runs"] if r.get(k) is not None], float)
+      a[k] = ((float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else np.nan)
+              if len(values) else (np.nan, np.nan))
+  return list(out.values())
+
+
+def significant_differences(groups: list[dict]) -> list[str]:
+  """Each variant against the first: the metrics whose mean differs by more than two standard
+  errors of the difference (Welch: sqrt(s1^2 / n1 + s2^2 / n2)), as sentences."""
+  if len(groups) < 2:
+    return []
+  base, lines = groups[0], []
+  for g in groups[1:]:
+    for k, h in [("test_loss", "test loss")] + list(HEADLINE):
+      (m1, s1), (m2, s2) = base[k], g[k]
+      if min(base["n"], g["n"]) < 2 or np.isnan([m1, m2, s1, s2]).any():
+        continue
+      se = float(np.sqrt(s1 ** 2 / base["n"] + s2 ** 2 / g["n"]))
+      if abs(m2 - m1) > 2 * se and se > 0:
+        lines.append(f"{g['variant']} vs {base['variant']}: {h} {m2 - m1:+.3f} "
+                     f"(2 SE = {2 * se:.3f})")
+  return lines
+
+
+def _pm(stat, digits=3) -> str:
+  mean, std = stat
+  if np.isnan(mean):
+    return "-"
+  return f"{mean:.{digits}f}" + ("" if np.isnan(std) else f" ± {std:.{digits}f}")
+
+
 def markdown(meta, rows, per_domain: bool) -> str:
   b = meta["budget"]
+  groups = aggregate(rows)
+  if any(g["n"] > 1 for g in groups):
+    return markdown_seeds(meta, rows, groups)
   baseline = [r["qa_majority_baseline"] for r in rows if "qa_majority_baseline" in r]
   lines = [
       f"# Study: {meta['study']}", "", meta["description"], "",
@@ -263,6 +328,36 @@ def markdown(meta, rows, per_domain: bool) -> str:
                      " | ".join(_f(r.get(f"{d}/{k}")) for d, k, _ in cols) + " |")
   lines += ["", "\\* Wall-clock on a CPU shared with other jobs (train minutes include "
             "compilation and checkpointing): compare within this table only.", ""]
+  return "\n".join(lines)
+
+
+def markdown_seeds(meta, rows, groups) -> str:
+  """The table with several seeds: mean ± std per metric, and the differences that exceed
+  two standard errors."""
+  b = meta["budget"]
+  seeds = sorted({r.get("seed", 0) for r in rows})
+  lines = [
+      f"# Study: {meta['study']}", "", meta["description"], "",
+      f"**Budget: {b['steps']} training steps per variant, {b['layers']} encoder block(s), batch "
+      f"{b['batch_size']}; seeds {seeds} (mean ± sample std over seeds).** Width "
+      f"{meta['width']}, {meta['heads']} heads, MLP {meta['mlp']}, {meta['frames']} frames of "
+      f"{meta['frame_size']}^2, learning rate {meta['learning_rate']}. Data: {meta['dataset']}; "
+      f"scored on the {b['split']} split. Commit {meta['commit']}; {meta['device']}; "
+      f"`{meta['command']}`.", "",
+      f"| variant | changes | seeds | train loss | {b['split']} loss | " +
+      " | ".join(h for _, h in HEADLINE) + " |", "|---" * (5 + len(HEADLINE)) + "|"]
+  for g in groups:
+    lines.append(f"| {g['variant']} | {g['changes']} | {g['n']} | {_pm(g['train_loss'])} | "
+                 f"{_pm(g['test_loss'])} | " +
+                 " | ".join(_pm(g[k]) for k, _ in HEADLINE) + " |")
+  failed = [r for r in rows if r.get("status") != "ok"]
+  for r in failed:
+    lines.append(f"| {r['variant']} | {r['changes']} | seed {r.get('seed', 0)}: "
+                 f"{r['status']} |" + " |" * (2 + len(HEADLINE)))
+  diffs = significant_differences(groups)
+  lines += ["", f"Differences from {groups[0]['variant']} larger than two standard errors: " +
+            ("; ".join(diffs) + "." if diffs else "none (every difference is within noise at "
+             "this number of seeds)."), ""]
   return "\n".join(lines)
 
 

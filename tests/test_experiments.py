@@ -139,3 +139,26 @@ def test_results_table_states_the_budget_and_keeps_failed_rows():
   assert "| a | type=full | 10 | 1.000 | 2.000 | - | - | 0.500 |" in text
   assert "| b | x | failed: boom |" in text
   assert "baseline: 0.250" in text
+
+
+def test_seed_table_reports_mean_std_and_differences_beyond_two_standard_errors():
+  meta = dict(study="s", description="d", budget=dict(steps=150, layers=2, batch_size=16,
+                                                      split="test"),
+              width=128, heads=4, mlp=256, frames=16, frame_size=64, learning_rate=1e-3,
+              seed=0, dataset="synthetic", commit="abc", device="cpu", command="c")
+
+  def row(variant, seed, qa, top1):
+    return dict(variant=variant, seed=seed, changes=variant, status="ok", trainable="1",
+                train_loss=1.0, test_loss=2.0, qa_accuracy=qa, classification_top1=top1)
+  rows = [row("a", 0, 0.50, 0.30), row("a", 1, 0.52, 0.40), row("a", 2, 0.54, 0.50),
+          row("b", 0, 0.70, 0.35), row("b", 1, 0.72, 0.45), row("b", 2, 0.74, 0.55)]
+  groups = run.aggregate(rows)
+  assert [g["n"] for g in groups] == [3, 3]
+  np.testing.assert_allclose(groups[0]["qa_accuracy"], (0.52, 0.02))  # Sample std, ddof 1.
+  diffs = run.significant_differences(groups)
+  # QA: +0.20 against 2 SE = 2 sqrt(2 * 0.02^2 / 3) = 0.0327 -> reported; top-1: +0.05
+  # against 2 sqrt(2 * 0.1^2 / 3) = 0.163 -> within noise.
+  assert len(diffs) == 1 and diffs[0].startswith("b vs a: QA acc +0.200 (2 SE = 0.033)")
+  text = run.markdown(meta, rows, False)
+  assert "| a | a | 3 | 1.000 ± 0.000 | 2.000 ± 0.000 |" in text
+  assert "0.520 ± 0.020" in text and "b vs a: QA acc +0.200" in text
