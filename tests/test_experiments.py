@@ -77,9 +77,20 @@ def test_variant_changes_only_its_declared_keys(study, variant):
   changed = _flat(STUDIES[study].get_config(f"variant={variant}").to_dict())
   assert set(changed) == set(reference)
   differing = {k for k in reference if changed[k] != reference[k]}
-  assert differing <= set(overrides)
+  # A study may rescale the budget of some variants (BUDGET_KEYS), nothing else.
+  budget = set(getattr(STUDIES[study], "BUDGET_KEYS", ())) if variant in getattr(
+      STUDIES[study], "HALF_BUDGET", ()) else set()
+  assert differing <= set(overrides) | budget
   for k, v in overrides.items():
     assert changed[k] == v, k
+
+
+def test_pretraining_study_splits_the_budget_in_halves():
+  study = STUDIES["pretraining"]
+  steps = {v: study.get_config(f"variant={v},steps=100").training.num_steps
+           for v in study.VARIANTS}
+  assert steps == dict(scratch=100, pretrain=50, finetune=50)
+  assert study.get_config("variant=pretrain").training.objective == "masked_video"
 
 
 def test_budget_arguments_reach_the_config():

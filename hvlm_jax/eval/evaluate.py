@@ -33,6 +33,7 @@ from hvlm_jax.eval import metrics as metrics_lib
 from hvlm_jax.eval import report as report_lib
 from hvlm_jax.eval import streaming as eval_streaming
 from hvlm_jax.models import model as model_lib
+from hvlm_jax.models import pretraining
 from hvlm_jax.models import streaming
 from hvlm_jax.models.heads.detection import detections_as_lists
 
@@ -291,13 +292,20 @@ def evaluate_checkpoint(workdir: str, *, step="latest", split: str = "test",
   logging.info("Restored parameters of %s step %d onto %d device(s).", workdir, step, mesh.size)
 
   from tqdm import tqdm
-  with tqdm(total=1, desc=f"eval {split}", unit="batch") as bar:  # +1: scoring.
-    losses, records = run_split(config, model, params, split_data, vocabs, mesh, progress=bar)
-    bar.set_postfix_str(f"scoring {len(records)} videos")
-    metrics = score(records, split_data, train_answers=train_answers, meteor=None)
-    bar.update(1)
-  unscored = _unscored_videos(split_data, records, config)
-  metrics["meta"] = dict(split=split, step=step, videos=len(records), workdir=workdir,
+  if pretraining.objective(config) == "masked_video":  # No heads: the pretext loss only.
+    losses, records = evaluate_reconstruction(config, model, params, split_data, vocabs,
+                                              mesh), []
+    metrics = dict(reconstruction=dict(loss=losses["loss"], videos=len(split_data)))
+  else:
+    with tqdm(total=1, desc=f"eval {split}", unit="batch") as bar:  # +1: scoring.
+      losses, records = run_split(config, model, params, split_data, vocabs, mesh,
+                                  progress=bar)
+      bar.set_postfix_str(f"scoring {len(records)} videos")
+      metrics = score(records, split_data, train_answers=train_answers, meteor=None)
+      bar.update(1)
+  unscored = _unscored_videos(split_data, records, config) if records else {}
+  metrics["meta"] = dict(split=split, step=step, videos=len(records or split_data),
+                         workdir=workdir,
                          **unscored, **skipped_steps,
                          devices=mesh.size, data_dir=str(split_data.root),
                          overrides=overridden,
