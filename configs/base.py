@@ -249,6 +249,7 @@ def get_config(arg=None):
   tr.log_every_steps = 50
   tr.eval_every_steps = 1000  # 0: no evaluation during training.
   tr.eval_max_batches = 0  # 0: the whole validation split.
+  tr.eval_images = 3  # Validation videos drawn to TensorBoard at each evaluation.
   tr.checkpoint_every_steps = 1000
   tr.keep_checkpoints = 3  # Latest N kept...
   tr.keep_best_checkpoints = 1  # ...and, separately, the best N by best_metric.

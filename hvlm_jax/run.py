@@ -158,9 +158,9 @@ def _validate_training(config) -> None:
                   or int(bounds[0]) > int(bounds[1])):
     raise ConfigError(f"config.training.profile_steps={tr.profile_steps!r} must be "
                       "'start,end' with 0 <= start <= end (or empty).")
-  for key in ("eval_every_steps", "eval_max_batches", "keep_best_checkpoints",
+  for key in ("eval_every_steps", "eval_max_batches", "eval_images", "keep_best_checkpoints",
               "compression_warmup_steps", "saliency_start_step"):
-    if tr[key] < 0:
+    if tr.get(key, 0) < 0:  # .get: a run's config.json from before a key existed.
       raise ConfigError(f"config.training.{key}={tr[key]} must be >= 0.")
 
 

@@ -267,8 +267,8 @@ def evaluate_checkpoint(workdir: str, *, step="latest", split: str = "test",
   run_lib.validate(config, jax.device_count(), training=False)
   run_lib.enable_compilation_cache(config)
   ckpt = Checkpointer(workdir, read_only=True, async_save=False,
-                      best_metric=config.training.get("best_metric", ""),
-                      best_mode=config.training.get("best_mode", "max"))
+                      best_metric=config.training.get("best_metric", "val_loss"),
+                      best_mode=config.training.get("best_mode", "min"))
   requested, step = step, ckpt.resolve(step)
   mesh = sharding.make_mesh(config.mesh)
   config.data.eval_batch_size = _round_up(config.data.eval_batch_size, mesh.size)

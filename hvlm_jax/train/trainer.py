@@ -321,8 +321,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   tr = config.training
   ckpt = Checkpointer(workdir, keep_latest=tr.keep_checkpoints,
                       keep_best=tr.get("keep_best_checkpoints", 1),
-                      best_metric=tr.get("best_metric", "val_classification_accuracy"),
-                      best_mode=tr.get("best_mode", "max"))
+                      best_metric=tr.best_metric, best_mode=tr.best_mode)
   # A checkpoint of another model raises (nothing touched); corrupt ones newer than the one
   # restored are moved to WORKDIR/quarantine/, so their step numbers can be saved again.
   restored, step = ckpt.restore_latest_valid(abstract_state, train_iter)
@@ -344,7 +343,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # ----- evaluation ----------------------------------------------------------------------
   # A few fixed validation videos are drawn at each evaluation (TensorBoard images).
   image_split = dataclasses.replace(val_split, entries=val_split.entries[
-      :tr.get("eval_images", 3) if config.data.input != "features" else 0])
+      :tr.eval_images if config.data.input != "features" else 0])
   predictor = (predict_lib.Predictor(config, model, vocabs, mesh)
                if len(image_split) and pretraining.objective(config) == "supervised" else None)
 
