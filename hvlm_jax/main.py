@@ -69,10 +69,11 @@ def _user_errors():
   from hvlm_jax.data import AnnotationError, VideoError
   from hvlm_jax.data.synthetic import DatasetError
   from hvlm_jax.eval.predict import PredictionError
+  from hvlm_jax.pretrained import PretrainedError
   from hvlm_jax.train.trainer import TrainingError
   return (ConfigError, AnnotationError, VideoError, DatasetError, FileNotFoundError,
           CheckpointNotFoundError, CheckpointMismatchError, CheckpointCorruptError,
-          TrainingError, PredictionError)
+          TrainingError, PredictionError, PretrainedError)
 
 
 def _quiet_libraries(record: logging.LogRecord) -> bool:
@@ -106,7 +107,9 @@ def _main(command: str, overrides: dict[str, str]):
       if command == "train":
         from hvlm_jax.train.trainer import TrainingStopped, train_and_evaluate
         try:
-          train_and_evaluate(FLAGS.config, FLAGS.workdir)
+          from hvlm_jax.config import overridden_keys
+          train_and_evaluate(FLAGS.config, FLAGS.workdir,
+                             explicit_keys=overridden_keys(sys.argv))
         except TrainingStopped as e:
           print(f"stopped: {e}", file=sys.stderr)
           sys.exit(EXIT_STOPPED)

@@ -28,6 +28,7 @@ Outputs of predict:
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -41,7 +42,10 @@ from hvlm_jax.models import heads as heads_lib
 from hvlm_jax.models.domain.experts import (ROUTING_MODES, DomainExperts, DomainRouter,
                                             router_losses, routing_weights)
 from hvlm_jax.models.domain.lora import TARGETS, LoRASpec
-from hvlm_jax.models.encoder import MOTION_INPUTS, STEMS, VideoEncoder
+from hvlm_jax.models.encoder import (ARCHITECTURE_KEYS, CHANNEL_ORDERS, GELUS, MOTION_INPUTS,
+                                     POOLINGS, POSITION_EMBEDDINGS, STEMS, VideoEncoder,
+                                     encoder_architecture)
+from hvlm_jax.models.layers import ABSENT_QKV_BIASES
 from hvlm_jax.models.token_merging import MergingSpec
 from hvlm_jax.models.token_merging.merging import unmerge_to_grid
 
@@ -151,15 +155,55 @@ def check_encoder_config(model_config, video_config) -> None:
   if unknown or lora.rank < 1:
     raise ConfigError(f"config.model.domain_modules.lora: targets {unknown} unknown or rank "
                       f"{lora.rank} < 1; targets are {', '.join(TARGETS)}.")
+  check_architecture_keys(model_config)
   h = model_config.heads
-  choices = (("classification_pooling", h.classification_pooling, ("attention", "mean")),
+  choices = (("classification_pooling", h.classification_pooling, CLASSIFICATION_POOLINGS),
              ("detection.loss", h.detection.loss, ("focal", "bce")),
              ("detection.regression_loss", h.detection.regression_loss, ("diou", "l1")))
   for key, value, allowed in choices:
     if value not in allowed:
       raise ConfigError(f"config.model.heads.{key}={value!r} is not one of "
                         f"{', '.join(allowed)}.")
+  if h.classification_pooling == "encoder" and model_config.get("pooling", "none") == "none":
+    raise ConfigError("config.model.heads.classification_pooling='encoder' needs the "
+                      "encoder's pooled output: set config.model.pooling to mean or cls.")
   attention_options(model_config)  # attention_dropout_rate against the attention type.
+
+
+# config.model.heads.classification_pooling; "encoder": the encoder's pooled output
+# (config.model.pooling) straight into the logits layer (HF ...ForVideoClassification).
+CLASSIFICATION_POOLINGS = ("attention", "mean", "encoder")
+
+
+def check_architecture_keys(model_config) -> None:
+  """The encoder architecture keys (encoder.ARCHITECTURE_KEYS; absent keys take their
+  defaults); ConfigError naming the key and the allowed values."""
+  arch = {key: model_config.get(key, default)
+          for key, (_, default) in ARCHITECTURE_KEYS.items()}
+  choices = (("position_embedding", POSITION_EMBEDDINGS), ("qkv_bias", ABSENT_QKV_BIASES),
+             ("gelu", GELUS), ("pooling", POOLINGS), ("pixel_channel_order", CHANNEL_ORDERS))
+  for key, allowed in choices:
+    if arch[key] not in allowed:
+      raise ConfigError(f"config.model.{key}={arch[key]!r} is not one of "
+                        f"{', '.join(allowed)}.")
+  for key in ("cls_token", "final_norm"):
+    if not isinstance(arch[key], bool):
+      raise ConfigError(f"config.model.{key}={arch[key]!r} must be True or False.")
+  if arch["pooling"] == "cls" and not arch["cls_token"]:
+    raise ConfigError("config.model.pooling='cls' needs config.model.cls_token=True "
+                      "(or pooling mean or none).")
+  for key in ("layer_norm_epsilon", "pool_norm_epsilon"):
+    value = arch[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+      raise ConfigError(f"config.model.{key}={value!r} must be a number in (0, 1).")
+  for key, low in (("pixel_mean", -math.inf), ("pixel_std", 0.0)):
+    value = arch[key]
+    ok = isinstance(value, (tuple, list)) and len(value) == 3 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        and v > low for v in value)
+    if not ok:
+      raise ConfigError(f"config.model.{key}={value!r} must be three finite numbers (R, G, B "
+                        f"on [0, 1] pixels){', each > 0' if low == 0 else ''}.")
 
 
 def text_heads(model_config) -> int:
@@ -183,7 +227,8 @@ def build_encoder(cfg, dtype=jnp.float32, remat_policy: str | None = None,
           levels=int(flow.levels), iterations=int(flow.iterations),
           window_sigma=float(flow.window_sigma)).items())),
       flow_cells_per_token=int(flow.cells_per_token), dtype=dtype,
-      param_dtype=jnp.dtype(cfg.param_dtype))
+      param_dtype=jnp.dtype(cfg.param_dtype),
+      **encoder_architecture(cfg))  # Absent keys (an old config.json): today's encoder.
   kwargs.update(overrides)
   return VideoEncoder(**kwargs)
 
@@ -263,7 +308,14 @@ class HierarchicalVLM(nn.Module):
     step_tokens = full.reshape(full.shape[0], *enc["grid"], full.shape[-1])
     return dict(tokens=tokens, token_mask=enc["token_mask"], token_weights=weights,
                 token_bias=bias, time_features=time_features, step_tokens=step_tokens,
-                domain=domain, router_logits=router_logits)
+                domain=domain, router_logits=router_logits, pooled=enc.get("pooled"))
+
+  def classify(self, enc: dict):
+    """Classification logits (B, C) from encode()'s output: the encoder's pooled output with
+    heads.classification_pooling="encoder", else the head pools the tokens."""
+    if self.config.heads.classification_pooling == "encoder":
+      return self.classification_head(enc["pooled"], None)
+    return self.classification_head(enc["tokens"], enc["token_weights"])
 
   def __call__(self, batch: dict[str, jax.Array], *, train: bool = False,
                merge_weights=None) -> dict:
@@ -275,7 +327,7 @@ class HierarchicalVLM(nn.Module):
       if enc[key] is not None:
         out[key] = enc[key]
     if self.classification_head is not None:
-      out["classification"] = self.classification_head(tokens, enc["token_weights"])
+      out["classification"] = self.classify(enc)
     if self.detection_head is not None:
       d = self.detection_head(enc["time_features"], enc["step_tokens"], deterministic=det)
       out.update(detection_logits=d["logits"], detection_offsets=d["offsets"])
@@ -299,7 +351,7 @@ class HierarchicalVLM(nn.Module):
     if enc["router_logits"] is not None:
       out["router_domain"] = enc["router_logits"].argmax(-1).astype(jnp.int32)
     if self.classification_head is not None:
-      out["classification_logits"] = self.classification_head(tokens, enc["token_weights"])
+      out["classification_logits"] = self.classify(enc)
     if self.detection_head is not None:
       d = self.detection_head(enc["time_features"], enc["step_tokens"])
       cfg = h.detection

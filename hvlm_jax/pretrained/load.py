@@ -131,7 +131,7 @@ def _paths(tree, prefix=()):
 
 
 def load_hf_params(path: str, params, shardings, config, *,
-                   progress=None) -> tuple[Any, dict]:
+                   progress=None, check_only: bool = False) -> tuple[Any, dict]:
   """Replaces the encoder parameters of `params` (a HierarchicalVLM tree with an "encoder"
   subtree, unboxed, possibly sharded) by checkpoint `path`'s, placed into `shardings` (a tree
   like `params` of Shardings or of abstract arrays carrying `.sharding`; None: each fresh
@@ -140,7 +140,9 @@ def load_hf_params(path: str, params, shardings, config, *,
   and the class counts agree.
 
   `progress`: optional callable, called with each tensor name once it is placed (a tqdm bar
-  in tools/convert_checkpoint.py).
+  in tools/convert_checkpoint.py). `check_only`: every check (names, shapes, file sizes)
+  and the report, but no tensor read or placed; `params` may then be abstract (shapes only)
+  and is returned as given (the trainer runs it before writing anything to the workdir).
 
   Returns (params, report): report lists every checkpoint tensor as loaded, interpolated or
   ignored (with the reason) and every parameter left newly initialised; write it to
@@ -202,27 +204,30 @@ def load_hf_params(path: str, params, shardings, config, *,
                               "built from this config does not have.")
       dtype = fresh.dtype
       host = None
-      if shape != fresh.shape and entry.kind == "joint_position":
+      interpolate = shape != fresh.shape and entry.kind == "joint_position"
+      if interpolate:
         n_cls = int(arch["model.cls_token"])
-        host = interpolate_joint_table(hf.to_hvlm(ckpt.read(stored), entry.kind),
-                                       src_grid, dst_grid, n_cls)
-      if (host.shape if host is not None else shape) != fresh.shape:
+        host = (np.empty((n_cls + int(np.prod(dst_grid)), shape[-1]), np.int8) if check_only
+                else interpolate_joint_table(hf.to_hvlm(ckpt.read(stored), entry.kind),
+                                             src_grid, dst_grid, n_cls))
+      if (host.shape if host is not None else shape) != tuple(fresh.shape):
         raise PretrainedError(
             f"{file}: tensor {stored} has shape {ckpt.shapes[stored]}, i.e. {shape} as "
             f"{where}, but the configured model needs {tuple(fresh.shape)} (check "
             "config.model.hidden_size, mlp_dim, tubelet_size and data.video against the "
             "checkpoint's config.json).")
-      sharding = _leaf_sharding(_subtree(targets, entry.param) if targets is not None
-                                else None, fresh)
+      if not check_only:
+        sharding = _leaf_sharding(_subtree(targets, entry.param) if targets is not None
+                                  else None, fresh)
 
-      def shard(index, stored=stored, kind=entry.kind, host=host, dtype=dtype):
-        if host is not None:
-          return host[index].astype(dtype)
-        return hf.to_hvlm(ckpt.read(stored, hf.torch_index(index, kind)), kind).astype(dtype)
+        def shard(index, stored=stored, kind=entry.kind, host=host, dtype=dtype):
+          if host is not None:
+            return host[index].astype(dtype)
+          return hf.to_hvlm(ckpt.read(stored, hf.torch_index(index, kind)), kind).astype(dtype)
 
-      _set(root, entry.param, jax.make_array_from_callback(fresh.shape, sharding, shard))
+        _set(root, entry.param, jax.make_array_from_callback(fresh.shape, sharding, shard))
       placed.add(entry.param)
-      if host is not None:
+      if interpolate:
         report["interpolated"].append(dict(
             tensor=stored, param=where, from_shape=list(shape), to_shape=list(fresh.shape),
             from_grid=list(src_grid), to_grid=list(dst_grid), method="trilinear"))
@@ -230,7 +235,7 @@ def load_hf_params(path: str, params, shardings, config, *,
                      tuple(fresh.shape), src_grid, dst_grid)
       else:
         report["loaded"].append(dict(tensor=stored, param=where, shape=list(shape)))
-      if progress is not None:
+      if progress is not None and not check_only:
         progress(stored)
     for name in names:
       if name in used:
@@ -248,6 +253,8 @@ def load_hf_params(path: str, params, shardings, config, *,
   report["newly_initialised"] = ["/".join(p) for p in _paths(root) if p not in placed]
   report["counts"] = {k: len(report[k]) for k in ("loaded", "interpolated", "ignored",
                                                   "newly_initialised")}
+  if check_only:
+    return params, report
   logging.info("init_from hf %s: %s", path, report["counts"])
   for item in report["ignored"]:
     logging.info("init_from hf: ignored %s (%s)", item["tensor"], item["reason"])
