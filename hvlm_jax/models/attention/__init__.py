@@ -13,6 +13,7 @@ from typing import Any
 from hvlm_jax.config import ConfigError
 from hvlm_jax.models.attention.full import FullAttention
 from hvlm_jax.models.attention.hierarchical import HierarchicalAttention
+from hvlm_jax.models.attention.kernels import IMPLEMENTATIONS
 from hvlm_jax.models.attention.linear import LinearAttention, PerformerAttention
 from hvlm_jax.models.attention.mamba import MambaLayer
 from hvlm_jax.models.attention.memory import CrossMemoryAttention
@@ -44,6 +45,7 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("local_global", "global_tokens"): ("frame", "learned", "none"),
     ("cross_memory", "memory_source"): ("pooled", "learned"),
     ("mamba", "scan_method"): ("chunked", "scan", "associative"),
+    **{(name, "implementation"): IMPLEMENTATIONS for name in ("full", "strided", "local_global")},
 }
 
 # Options counted in tokens that describe frames. 0 or "frame" means one frame of the token
