@@ -415,8 +415,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           writer.exclude(seconds)
           writer.write_scalars(step + 1, {"compile_seconds": seconds}, prefix="perf/")
           logging.info("Train step compiled and run once in %.1f s; %.3g FLOPs per step (%s "
-                       "count), peak %s FLOP/s per device.", seconds, step_flops, flops_source,
-                       f"{peak:.3g}" if peak else "unknown (set training.peak_flops for MFU)")
+                       "count); peak per device: %s.", seconds, step_flops, flops_source,
+                       f"{peak:.3g} FLOP/s" if peak else
+                       "unknown (set training.peak_flops for perf/mfu)")
         if merge_weights is not None:
           metrics = dict(metrics, compression_ratio=ratio, saliency_on=merge_weights[1])
         step += 1
