@@ -5,6 +5,7 @@ attention types and token merging on imported weights, and the VideoMAE export o
 masked-video pretraining run."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -135,6 +136,21 @@ def test_command_line_key_contradicting_the_checkpoint_is_one_sentence(videomae,
   assert "model.hidden_size=64" in line and "model.hidden_size=32" in line
   assert os.path.join(path, "config.json") in line
   assert "Traceback" not in result.stderr and not workdir.exists()
+
+
+def test_bad_checkpoint_fails_before_the_workdir_is_written(videomae, tmp_path):
+  bad = tmp_path / "bad"
+  shutil.copytree(videomae[0], bad)
+  file = bad / "model.safetensors"
+  with open(file, "r+b") as f:
+    f.truncate(os.path.getsize(file) - 100)
+  config = train_config()
+  config.init_from = f"hf:{bad}"
+  config.mesh.data, config.mesh.tensor = 4, 2
+  with pytest.raises(pretrained.PretrainedError, match="truncated") as err:
+    trainer.train_and_evaluate(config, str(tmp_path / "run"))
+  assert str(file) in str(err.value) and "\n" not in str(err.value)
+  assert not (tmp_path / "run").exists()
 
 
 def test_hf_classifier_logits_through_hierarchical_vlm(tmp_path):
