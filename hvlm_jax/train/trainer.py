@@ -405,6 +405,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
               state, batch, train_rng, merge_weights).compile()
           step_flops, flops_source = perf_lib.train_step_flops(
               steps_by_ratio[ratio], config, config.data.batch_size)
+          wait_for_all_processes(f"train_step_compiled_{ratio}")
         profiler.step(step)
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
           state, metrics = steps_by_ratio[ratio](state, batch, train_rng, merge_weights)
@@ -490,6 +491,14 @@ def load_or_build_vocabularies(train_split, workdir: str, config):
     vocabs.save(tmp)
     os.replace(tmp, path)
   return vocabs
+
+
+def wait_for_all_processes(name: str, timeout_s: int = 3600):
+  """A barrier of the coordination service (no collective): a process that compiled sooner
+  waits here, not in the first collective, whose Gloo setup on CPU gives up after 30 s."""
+  if jax.process_count() > 1:
+    from jax._src import distributed  # The client jax.distributed.initialize started.
+    distributed.global_state.client.wait_at_barrier(name, timeout_s * 1000)
 
 
 def sync_processes(name: str):
