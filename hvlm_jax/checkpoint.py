@@ -111,6 +111,9 @@ class Checkpointer:
                read_only: bool = False):
     self.workdir = os.path.abspath(workdir)
     self.directory = os.path.join(self.workdir, "checkpoints")
+    if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+      raise CheckpointCorruptError(f"{self.directory} is a file, not the run's checkpoint "
+                                   "folder; move it aside.")
     self.best_metric, self.best_mode = best_metric, best_mode
     key = _metric_key(best_metric, best_mode)
     policy = [policies.LatestN(n=max(keep_latest, 1))]

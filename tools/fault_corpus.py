@@ -84,7 +84,8 @@ def train(*flags, steps=4):
 
 
 def evaluate(*flags):
-  return ("hvlm_jax.evaluate", ["--workdir={run}", "--split=validation", *flags])
+  return ("hvlm_jax.evaluate", ["--workdir={run}", "--split=validation",
+                                "--config.data.dir={box}/data", *flags])
 
 
 def write(rel, data):
@@ -343,7 +344,7 @@ def main():
   parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "faults",
                                                     "results.json"))
   parser.add_argument("--jobs", type=int, default=2)
-  parser.add_argument("--only", default="")
+  parser.add_argument("--only", default="", help="comma-separated name substrings")
   args = parser.parse_args()
   work = tempfile.mkdtemp(prefix="fault_corpus-")
   data_src, run_src = os.path.join(work, "data"), os.path.join(work, "run")
@@ -353,7 +354,7 @@ def main():
                                        "--config.mesh.tensor=2", KEEP,
                                        "--config.training.num_steps=4"], work)
   assert rc == 0, out[-3000:]
-  selected = [c for c in cases() if args.only in c["name"]]
+  selected = [c for c in cases() if any(o in c["name"] for o in args.only.split(","))]
   t0 = time.time()
   with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
     results = list(pool.map(lambda c: run_case(c, data_src, run_src, work), selected))

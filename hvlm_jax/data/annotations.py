@@ -167,6 +167,10 @@ def _read_list(path: str) -> list:
   except json.JSONDecodeError as e:
     raise AnnotationError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, "
                           f"column {e.colno}).") from None
+  except UnicodeDecodeError as e:
+    raise AnnotationError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}).") from None
+  except IsADirectoryError:
+    raise AnnotationError(f"{path} is a directory; an annotation file is a JSON list.") from None
   if not isinstance(data, list):
     raise AnnotationError(f"{path}: expected a JSON list of entries, got "
                           f"{type(data).__name__}.")

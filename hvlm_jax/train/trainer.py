@@ -47,7 +47,7 @@ class TrainingStopped(Exception):
   the same step; `python -m hvlm_jax.train` exits with EXIT_STOPPED, and a rerun continues."""
 
   def __init__(self, step: int, directory: str):
-    super().__init__(f"Training stopped at step {step} by SIGTERM with a checkpoint in "
+    super().__init__(f"Training stopped at step {step} by a signal with a checkpoint in "
                      f"{directory}; rerun the same command to continue.")
     self.step = step
 
@@ -205,10 +205,14 @@ class _StopSignal:
     self.requested = False
     self._manager = manager
     self._multi = jax.process_count() > 1
-    self._previous = None if self._multi else signal.signal(signal.SIGTERM, self._handle)
+    # Ctrl-C (SIGINT) stops like SIGTERM; a second Ctrl-C interrupts at once.
+    self._previous = None if self._multi else {
+        s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
   def _handle(self, signum, frame):
-    logging.warning("SIGTERM received: saving a checkpoint and exiting.")
+    logging.warning("%s received: saving a checkpoint and exiting.",
+                    signal.Signals(signum).name)
+    signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
     self.requested = True
 
   def reached(self, step: int) -> bool:
@@ -218,8 +222,8 @@ class _StopSignal:
     return self.requested
 
   def restore(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for s, handler in (self._previous or {}).items():
+      signal.signal(s, handler)
 
 
 class _NonfiniteGuard:
