@@ -98,6 +98,7 @@ BAD_KEYS = [
     ("data.domains", ("sports", "sports")),
     ("model.attention.type", "flash"),
     ("model.attention.mamba.scan_method", "paralel"),
+    ("model.attention.full.implementation", "flash"),
     ("model.attention.local_global.global_tokens", "frames"),
     ("model.attention.hierarchical.pool_sizes", ("frame/x",)),
     ("model.attention.strided.stride", -4),
