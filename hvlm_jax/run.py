@@ -193,7 +193,15 @@ def load_run_config(workdir: str, overrides: dict[str, Any] | None = None,
     raise ConfigError(f"{path} is not valid JSON ({e}); it was written by the trainer, "
                       "restore it from a backup or retrain.") from None
   overrides = dict(overrides or {})
+  saved = config.to_dict()
   apply_overrides(config, overrides, source=f"Override of {path}")
+  # The checkpoint's parameters mean what the run's config says: an override that would
+  # change their shapes or meaning (e.g. model.attention.type) would score another model.
+  meaning = run_config_differences(saved, config)
+  if meaning:
+    raise ConfigError(f"Override(s) of {path} would change what the run's parameters mean "
+                      f"({'; '.join(meaning)}); evaluate or predict with the run's own model "
+                      "keys (train a new run for another model).")
   changed = {}
   for key in overrides:
     value = _get(config, key)

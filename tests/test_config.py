@@ -245,6 +245,8 @@ def test_run_config_overrides_keep_types_and_refuse_unknown_keys(tmp_path):
   assert loaded.data.eval_batch_size == 4 and loaded.data.dir == "/elsewhere"
   assert changed == {"data.eval_batch_size": 4, "data.dir": "/elsewhere"}
   assert loaded.model.tubelet_size == tuple(config.model.tubelet_size)
+  with pytest.raises(config_lib.ConfigError, match="model.attention.type: 'full' -> 'perf"):
+    run_lib.load_run_config(str(tmp_path), {"model.attention.type": "performer"})
   with pytest.raises(config_lib.ConfigError, match="datta"):
     run_lib.load_run_config(str(tmp_path), {"datta.dir": "x"})
   (tmp_path / "config.json").write_text("{not json")
