@@ -98,6 +98,16 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
   return config
 
 
+def get_value(config, dotted: str, default: Any = None) -> Any:
+  """`config["a"]["b"]` for "a.b", or `default` where a key is missing."""
+  node = config
+  for name in dotted.split("."):
+    if not hasattr(node, "get") or name not in node:
+      return default
+    node = node[name]
+  return node
+
+
 def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
   """Separates `--config.a.b=value` arguments from the rest of a command line.
 

@@ -32,7 +32,7 @@ from hvlm_jax import data as data_lib
 from hvlm_jax import pretrained
 from hvlm_jax import sharding
 from hvlm_jax.checkpoint import CheckpointMismatchError, Checkpointer, abstract_with_shardings
-from hvlm_jax.config import ConfigError, apply_overrides
+from hvlm_jax.config import ConfigError, apply_overrides, get_value
 from hvlm_jax.data import validation as data_validation
 from hvlm_jax.models import attention as attention_lib
 from hvlm_jax.models import model as model_lib
@@ -100,16 +100,9 @@ def validate(config, num_devices: int, *, training: bool = True) -> None:
 
 def _positive(config, *keys: str):
   for key in keys:
-    value = _get(config, key)
+    value = get_value(config, key)
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
       raise ConfigError(f"config.{key}={value!r} must be a positive number.")
-
-
-def _get(config, dotted: str):
-  node = config
-  for name in dotted.split("."):
-    node = node[name]
-  return node
 
 
 def _validate_training(config) -> None:
@@ -204,7 +197,7 @@ def load_run_config(workdir: str, overrides: dict[str, Any] | None = None,
                       "keys (train a new run for another model).")
   changed = {}
   for key in overrides:
-    value = _get(config, key)
+    value = get_value(config, key)
     changed[key] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
     kind = "data source " if key in DATA_SOURCE_KEYS else ""
     logging.info("Run config %s: %soverride %s=%r.", path, kind, key, changed[key])
@@ -482,9 +475,6 @@ def init_from(source: str, params, abstract, *, config=None):
                len(report["loaded"]), len(report["initialised"]), len(report["ignored"]))
   return flax.traverse_util.unflatten_dict(merged), report
 
-
-def parameter_count(params) -> int:
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
 
 # ----- compilation cache -----------------------------------------------------------------------

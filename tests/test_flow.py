@@ -13,15 +13,17 @@ SHIFTS = [(0.3, -0.2), (1.0, 0.0), (2.5, 1.7), (-4.0, 3.0), (5.6, -5.6), (8.0, 0
           (0.0, -8.0), (-6.3, -4.9)]
 
 
-def texture(x, y, seed=0):
-  """A smooth aperiodic texture defined everywhere, so any warp of it is exact."""
+def texture(x, y, seed=0, amplitude=None):
+  """A smooth aperiodic texture defined everywhere, so any warp of it is exact. Scaled into
+  [0.05, 0.95] over (x, y) by default; `amplitude` fixes the scale instead, so that crops of a
+  larger texture agree with it pixel for pixel."""
   r = np.random.RandomState(seed)
   out = np.zeros_like(x)
   for _ in range(24):
     k = 2 * np.pi / r.uniform(6, 40)
     th, ph = r.uniform(0, np.pi), r.uniform(0, 2 * np.pi)
     out += r.uniform(0.5, 1) * np.sin(k * (np.cos(th) * x + np.sin(th) * y) + ph)
-  return 0.5 + 0.45 * out / np.abs(out).max()
+  return 0.5 + (0.45 * out / np.abs(out).max() if amplitude is None else amplitude * out)
 
 
 def rgb(gray):

@@ -10,19 +10,14 @@ import pytest
 from hvlm_jax.data import footage, synthetic
 from hvlm_jax.models.token_merging import MergingSpec, camera, flow
 from hvlm_jax.models.token_merging.merging import protect_top
+import test_flow
 
 SIZE = 96
 
 
 def texture(x, y, seed=0):
-  """Plane-wave texture with a fixed normalisation, defined for any real coordinates."""
-  r = np.random.RandomState(seed)
-  out = np.zeros_like(x)
-  for _ in range(24):
-    k = 2 * np.pi / r.uniform(6, 40)
-    th, ph = r.uniform(0, np.pi), r.uniform(0, 2 * np.pi)
-    out += r.uniform(0.5, 1) * np.sin(k * (np.cos(th) * x + np.sin(th) * y) + ph)
-  return 0.5 + 0.045 * out
+  """test_flow's plane-wave texture with a fixed scale (crops agree with the whole)."""
+  return test_flow.texture(x, y, seed, amplitude=0.045)
 
 
 def linear_case(matrix, shift=(0.0, 0.0), noise=0.0, seed=0):

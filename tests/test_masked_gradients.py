@@ -8,18 +8,11 @@ import pytest
 
 from hvlm_jax.models import attention
 from hvlm_jax.models.attention.memory import compress_memory, update_memory
+import test_attention_contract
 
 N, D, HEADS = 16, 32, 4
-OPTIONS = {
-    "strided": dict(stride=4),
-    "local_global": dict(window=4, tokens_per_frame=8, query_chunk=8),
-    "hierarchical": dict(window=4, pool_sizes=(2, 4), query_chunk=8),
-    "cross_memory": dict(pool_size=4, capacity=3),
-    "performer": dict(num_features=16, chunk_size=8),
-    "linear": dict(chunk_size=8),
-    "mamba": dict(chunk_size=8),
-}
-CAUSAL = ["full", "strided", "local_global", "hierarchical", "performer", "linear", "mamba"]
+OPTIONS = dict(test_attention_contract.OPTIONS, strided=dict(stride=4))  # Blocks of N = 16.
+CAUSAL = test_attention_contract.CAUSAL
 VARIANTS = [(n, False) for n in sorted(attention.REGISTRY)] + [(n, True) for n in CAUSAL]
 RNGS = {"params": jax.random.key(0), "features": jax.random.key(1)}
 

@@ -19,20 +19,12 @@ import jax
 import ml_collections
 import numpy as np
 
+from hvlm_jax.config import get_value
 from hvlm_jax.models.encoder import ARCHITECTURE_KEYS
 from hvlm_jax.pretrained import hf
 from hvlm_jax.pretrained.hf import PretrainedError
 from hvlm_jax.pretrained.positions import interpolate_joint_table
 from hvlm_jax.pretrained.safetensors_files import SafetensorsCheckpoint
-
-
-def _get(config, dotted: str, default=None):
-  node = config
-  for part in dotted.split("."):
-    if not hasattr(node, "get") or part not in node:
-      return default
-    node = node[part]
-  return node
 
 
 def _same(a, b) -> bool:
@@ -47,7 +39,7 @@ def _same(a, b) -> bool:
 
 def _config_value(config, key: str):
   default = ARCHITECTURE_KEYS.get(key.split(".", 1)[1], (None, None))[1]
-  return _get(config, key, default)
+  return get_value(config, key, default)
 
 
 def apply_hf_architecture(config, path: str, explicit_keys: set[str] = frozenset()):
@@ -71,7 +63,7 @@ def apply_hf_architecture(config, path: str, explicit_keys: set[str] = frozenset
                             f"which needs {key}={value!r}; drop the override or pick another "
                             "checkpoint.")
     parent, leaf = key.rsplit(".", 1)
-    node = _get(out, parent)
+    node = get_value(out, parent)
     with out.unlocked():  # Set even when equal: the key may be absent (its default).
       node[leaf] = list(value) if isinstance(value, tuple) and isinstance(
           current, list) else value
@@ -167,7 +159,7 @@ def load_hf_params(path: str, params, shardings, config, *,
                 architectures=cfg.get("architectures"), checkpoint_grid=list(src_grid),
                 clip_grid=list(dst_grid), loaded=[], interpolated=[], ignored=[],
                 newly_initialised=[])
-  pooling = _get(config, "model.heads.classification_pooling", None)
+  pooling = get_value(config, "model.heads.classification_pooling", None)
   placed: set[tuple] = set()
   with SafetensorsCheckpoint(path) as ckpt:
     names = ckpt.names()
