@@ -160,6 +160,7 @@ def test_mesh_that_does_not_divide_the_devices_names_config_mesh():
 
 def test_misaligned_explicit_window_is_allowed_but_warned(caplog):
   config = load("demo.py", "attention=local_global")
+  config.model.tubelet_size = (2, 8, 8)  # 64 tokens a frame.
   config.model.attention.local_global.window = 48
   run_lib.validate(config, 8)
   assert "not aligned with the 64 tokens of a frame" in caplog.text
@@ -173,14 +174,17 @@ FRAME_TYPES = sorted(attention_lib.FRAME_OPTIONS)
 def test_demo_attention_options_resolve_to_one_frame_of_its_grid(attention):
   config = load("demo.py", f"attention={attention}")
   _, per_frame = run_lib.token_grid(config)
-  assert per_frame == (64 // 8) ** 2 == 64
+  patch = config.model.tubelet_size[1]
+  assert per_frame == (config.data.video.frame_size // patch) ** 2
   options = dict(config.model.attention[attention])
-  resolved = attention_lib.resolve_frame_options(attention, options, per_frame)
-  # The explicit values the studies used to set by hand (experiments/common.py).
-  expected = {"strided": dict(stride=64), "cross_memory": dict(pool_size=64),
-              "local_global": dict(window=64, tokens_per_frame=64),
-              "hierarchical": dict(window=64, pool_sizes=(16,))}[attention]
-  assert {k: resolved[k] for k in expected} == expected
+  # One frame of the grid (a quarter of it for hierarchical's pools): 16 at 64 px with 16 px
+  # patches, 64 with 8 px patches.
+  for n in (per_frame, 64):
+    resolved = attention_lib.resolve_frame_options(attention, options, n)
+    expected = {"strided": dict(stride=n), "cross_memory": dict(pool_size=n),
+                "local_global": dict(window=n, tokens_per_frame=n),
+                "hierarchical": dict(window=n, pool_sizes=(n // 4,))}[attention]
+    assert {k: resolved[k] for k in expected} == expected
   # At base resolution (224 px, 16 px patches) the same config keys mean 196.
   base = dict(load("base.py").model.attention[attention])
   assert all(v == 196 for k, v in attention_lib.resolve_frame_options(

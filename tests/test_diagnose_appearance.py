@@ -1,0 +1,47 @@
+"""tools/diagnose_appearance.py: the pieces its figures rest on (object counts from captions,
+the per-type breakdown, the linear probe), checked on cases with known answers."""
+import importlib.util
+import os
+
+import numpy as np
+
+_PATH = os.path.join(os.path.dirname(__file__), "..", "tools", "diagnose_appearance.py")
+_spec = importlib.util.spec_from_file_location("diagnose_appearance", _PATH)
+tool = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tool)
+
+
+def test_object_count_reads_the_actor_and_the_objects_after_next_to():
+  assert tool.object_count("a red triangle moves up") == 1
+  # The actor turning into another shape still counts once.
+  assert tool.object_count("a yellow triangle moves down and then turns into a circle next to "
+                           "a green square") == 2
+  assert tool.object_count("a blue circle grows next to a red square and a white triangle") == 3
+
+
+def test_breakdown_counts_per_type_and_object_count():
+  captions = {"v0": "a red circle moves up", "v1": "a green square grows next to a red circle"}
+  records = [
+      dict(video_id="v0", caption="a red square moves up",
+           qa=[dict(question="what shape is the red object ?", answer="circle",
+                    predicted="circle")]),
+      dict(video_id="v1", caption="a green square grows next to a red circle",
+           qa=[dict(question="what shape is the red object ?", answer="circle",
+                    predicted="square"),
+               dict(question="what color is the circle ?", answer="red", predicted="red")])]
+  out = tool.breakdown(records, captions)
+  rows = {(r["type"], r["objects"]): (r["accuracy"], r["questions"]) for r in out["qa"]}
+  assert rows == {("what shape", 1): (1.0, 1), ("what shape", 2): (0.0, 1),
+                  ("what color", 2): (1.0, 1)}
+  assert out["caption_actor"]["colour"]["accuracy"] == 1.0
+  assert out["caption_actor"]["shape"]["accuracy"] == 0.5
+
+
+def test_linear_probe_finds_a_linear_class_and_not_noise():
+  rng = np.random.default_rng(0)
+  y = rng.integers(3, size=600)
+  x = rng.normal(size=(600, 20))
+  x[:, 3] += 4.0 * y  # Class in one direction.
+  assert tool.linear_probe(x, y, 3) > 0.95
+  noise = rng.normal(size=(600, 20))
+  assert tool.linear_probe(noise, y, 3) < 0.5  # Chance is about 1/3.

@@ -1,0 +1,304 @@
+"""Does a model trained on the synthetic dataset see shape and colour? Three measurements.
+
+    python tools/diagnose_appearance.py --workdir=runs/demo --split=validation \
+        --out=benchmarks/appearance/demo
+    python tools/diagnose_appearance.py --learnability --stems=hybrid,conv --steps=900 \
+        --out=benchmarks/appearance/learnability
+
+With --workdir (a run trained on `data.name="synthetic"`):
+  1. QA accuracy by question type and number of objects in the clip, and how often the
+     predicted caption names the actor's colour and shape, from the run's predictions on
+     --split (`python -m hvlm_jax.evaluate` is run first when they are missing). "what color
+     is the square" is answerable from colour alone when the clip has one object; with two or
+     three it needs the shape.
+  2. A linear probe (softmax regression, 70/30 split of the objects, best of three L2 weights
+     on the held-out part) of the encoder's output token at the grid cell of every still object
+     in the first --probe_clips training clips, predicting its shape and its colour; the same
+     probe on a freshly initialised encoder and on the raw pixels of the 3x3 cells around it.
+     A probe below the fresh encoder's means training removed what the random features held.
+With --learnability: the demo encoder (its config, --stems, optionally --patch) plus a mean
+pool and a linear layer trained directly to name the shape of one still object on a random
+domain background (fresh clips every step, batch 16, AdamW with the demo's learning rate and
+a cosine schedule over --steps); held-out accuracy on 96 clips every 150 steps; a small plain
+CNN (3 stages of two 3x3 convolutions, GELU, global mean) as the reference.
+Writes <out>/results.json and results.md.
+"""
+from __future__ import annotations
+
+import collections
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+
+from absl import app, flags
+import numpy as np
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _ROOT)
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A run trained on the synthetic dataset.")
+_SPLIT = flags.DEFINE_string("split", "validation", "Split whose predictions are broken down.")
+_PROBE_CLIPS = flags.DEFINE_integer("probe_clips", 800, "Training clips for the linear probe.")
+_LEARNABILITY = flags.DEFINE_bool("learnability", False, "Run the shape-learnability bench.")
+_STEMS = flags.DEFINE_list("stems", ["hybrid", "cnn"], "Bench: encoder stems, or cnn.")
+_PATCH = flags.DEFINE_integer("patch", 0, "Bench: spatial patch size (0: the demo's).")
+_STEPS = flags.DEFINE_integer("steps", 900, "Bench: training steps.")
+_SEED = flags.DEFINE_integer("seed", 0, "Bench: seed of the clips and the initialisation.")
+_OUT = flags.DEFINE_string("out", "benchmarks/appearance", "Output folder.")
+
+SHAPE_WORDS = r"\b(circle|square|triangle)\b"
+
+
+def object_count(caption: str) -> int:
+  """Objects in a synthetic caption: the actor plus those named after "next to"."""
+  still = caption.split(" next to ")[1] if " next to " in caption else ""
+  return 1 + len(re.findall(SHAPE_WORDS, still))
+
+
+def breakdown(records: list[dict], captions: dict[str, str]) -> dict:
+  """QA accuracy by (type, objects) and caption actor colour / shape agreement."""
+  qa = collections.defaultdict(lambda: [0, 0])
+  actor = collections.defaultdict(lambda: [0, 0])
+  for r in records:
+    n = object_count(captions[r["video_id"]])
+    for q in r.get("qa", []):
+      cell = qa[(" ".join(q["question"].split()[:2]), n)]
+      cell[0] += q["predicted"] == q["answer"]
+      cell[1] += 1
+    if "caption" in r:
+      ref, hyp = captions[r["video_id"]].split(), r["caption"].split()
+      for name, i in (("colour", 1), ("shape", 2)):
+        actor[name][0] += len(hyp) > i and hyp[i] == ref[i]
+        actor[name][1] += 1
+  return dict(
+      qa=[dict(type=t, objects=n, accuracy=c / m, questions=m)
+          for (t, n), (c, m) in sorted(qa.items())],
+      caption_actor={k: dict(accuracy=c / m, captions=m) for k, (c, m) in actor.items()})
+
+
+def linear_probe(x: np.ndarray, y: np.ndarray, classes: int, iterations: int = 500) -> float:
+  """Held-out accuracy of L2-regularised softmax regression on standardised features (first
+  70% fit by full-batch gradient descent, last 30% scored; best of three L2 weights)."""
+  x = np.asarray(x, np.float64)
+  x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+  x = np.concatenate([x, np.ones((len(x), 1))], 1)
+  m = len(y) * 7 // 10
+  targets = np.eye(classes)[y[:m]]
+  best = 0.0
+  for l2 in (1e-3, 1e-2, 1e-1):
+    w = np.zeros((x.shape[1], classes))
+    for _ in range(iterations):
+      logits = x[:m] @ w
+      prob = np.exp(logits - logits.max(1, keepdims=True))
+      prob /= prob.sum(1, keepdims=True)
+      w -= 0.5 * (x[:m].T @ (prob - targets) / m + l2 * w)
+    best = max(best, float(((x[m:] @ w).argmax(1) == y[m:]).mean()))
+  return best
+
+
+def diagnose_run(workdir: str, split: str, probe_clips: int) -> dict:
+  import jax
+  import ml_collections
+  from hvlm_jax import data as data_lib
+  from hvlm_jax import run as run_lib
+  from hvlm_jax import sharding
+  from hvlm_jax.checkpoint import Checkpointer
+  from hvlm_jax.data import synthetic
+
+  config, _ = run_lib.load_run_config(workdir)
+  if config.data.name != "synthetic":
+    raise SystemExit(f"{workdir}/config.json: data.name={config.data.name!r}; this tool "
+                     "needs a run on the synthetic dataset (it reads the generator's objects).")
+  preds = sorted(glob.glob(os.path.join(workdir, "eval", f"predictions_{split}_step*.json")))
+  if not preds:
+    subprocess.run([sys.executable, "-m", "hvlm_jax.evaluate", f"--workdir={workdir}",
+                    f"--split={split}"], cwd=_ROOT, check=True)
+    preds = sorted(glob.glob(os.path.join(workdir, "eval", f"predictions_{split}_step*.json")))
+  records = json.load(open(preds[-1]))
+  records = records["records"] if isinstance(records, dict) else records
+  ann = os.path.join(config.data.dir, split, "annotations", "video_captioning.json")
+  captions = {e["video_id"]: e["captions"][0] for e in json.load(open(ann))}
+  result = dict(workdir=workdir, predictions=os.path.basename(preds[-1]),
+                **breakdown(records, captions))
+
+  vocabs = run_lib.load_vocabularies(workdir)
+  config = run_lib.fill_from_vocabularies(config, vocabs)
+  config.mesh = ml_collections.ConfigDict(run_lib.INFERENCE_MESH)
+  mesh = sharding.make_mesh(config.mesh)
+  train = data_lib.load_split(config, "training", training=False)
+  model = run_lib.build_model(config)
+  example = next(iter(data_lib.eval_batches(config, train, vocabs)))
+  ckpt = Checkpointer(workdir, read_only=True, async_save=False)
+  step = ckpt.resolve("latest")
+  params = dict(trained=run_lib.restore_params(ckpt, step, model, example, mesh),
+                fresh=run_lib.init_params(model, example, mesh, jax.random.key(1)))
+  encode = jax.jit(lambda p, b: model.apply({"params": p}, b, method=model.encode)
+                   ["step_tokens"])
+  settings = synthetic.settings_from_config(config)
+  p = int(config.model.tubelet_size[1])
+  per_row = int(config.data.video.frame_size) // p
+  feats = collections.defaultdict(list)
+  shapes, colours, seen = [], [], 0
+  for batch in data_lib.eval_batches(config, train, vocabs):
+    tokens = {k: np.asarray(encode(v, batch)) for k, v in params.items()}
+    for i in np.flatnonzero(batch["valid"]):
+      clip = synthetic.make_example(settings["seed"], "training", seen, settings)["clip"]
+      seen += 1
+      for o in clip["objects"][1:]:  # Still objects: the same cell in every frame.
+        r, c = int(o["y"] // p), int(o["x"] // p)
+        for k in params:
+          feats[k].append(tokens[k][i, 0, r * per_row + c])
+        window = np.zeros((3 * p, 3 * p, 3), np.float32)
+        y0, x0 = max(r - 1, 0), max(c - 1, 0)
+        cut = batch["video"][i, 0, y0 * p:(r + 2) * p, x0 * p:(c + 2) * p]
+        window[:cut.shape[0], :cut.shape[1]] = cut / 255.0
+        feats["pixels"].append(window.ravel())
+        shapes.append(synthetic.SHAPES.index(o["shape"]))
+        colours.append(list(synthetic.COLORS).index(o["color"]))
+    if seen >= probe_clips:
+      break
+  shapes, colours = np.array(shapes), np.array(colours)
+  result["probe"] = dict(
+      step=step, clips=seen, objects=len(shapes),
+      chance=dict(shape=float(np.bincount(shapes).max() / len(shapes)),
+                  colour=float(np.bincount(colours).max() / len(colours))),
+      features={k: dict(shape=linear_probe(v, shapes, len(synthetic.SHAPES)),
+                        colour=linear_probe(v, colours, len(synthetic.COLORS)))
+                for k, v in feats.items()})
+  return result
+
+
+def learnability(stems, patch: int, steps: int, seed: int) -> dict:
+  from hvlm_jax.config import import_sibling
+  from hvlm_jax.data import synthetic
+
+  base = import_sibling(os.path.join(_ROOT, "configs", "demo.py"), "demo.py").get_config()
+  if patch:
+    base.model.tubelet_size = (base.model.tubelet_size[0], patch, patch)
+  size, frames = int(base.data.video.frame_size), int(base.data.video.num_frames)
+
+  def sample(rng, n):
+    clips, labels = [], []
+    for _ in range(n):
+      label = int(rng.integers(len(synthetic.SHAPES)))
+      r = size * rng.uniform(0.11, 0.14)
+      x, y = rng.uniform(r + 1, size - r - 1, size=2)
+      obj = dict(shape=synthetic.SHAPES[label], x=x, y=y, r=r,
+                 color=list(synthetic.COLORS)[rng.integers(len(synthetic.COLORS))])
+      bg = synthetic.background(rng, synthetic.DOMAINS[rng.integers(len(synthetic.DOMAINS))],
+                                size)
+      clip = dict(objects=[obj], events=[], frame_size=size)
+      clips.append(synthetic.render_clip(clip, frames, 12, bg))
+      labels.append(label)
+    return np.stack(clips), np.array(labels)
+
+  out = {}
+  for stem in stems:
+    cfg = base.model.copy_and_resolve_references()
+    if stem != "cnn":
+      cfg.stem = stem
+    out[stem] = _learn_shape(_classifier(stem, cfg), sample, base.training, steps, seed)
+  return dict(patch=tuple(base.model.tubelet_size), steps=steps, seed=seed, curves=out)
+
+
+def _classifier(stem: str, model_config):
+  import flax.linen as nn
+  import jax.numpy as jnp
+  from hvlm_jax.data import synthetic
+  from hvlm_jax.models import model as model_lib
+
+  class Classifier(nn.Module):
+    @nn.compact
+    def __call__(self, video):
+      if stem == "cnn":
+        y = video[:, 0].astype(jnp.float32) / 255.0 - 0.45
+        for width in (32, 64, 128):
+          y = nn.gelu(nn.Conv(width, (3, 3), strides=(2, 2))(y))
+          y = nn.gelu(nn.Conv(width, (3, 3))(y))
+        return nn.Dense(len(synthetic.SHAPES))(y.mean((1, 2)))
+      tokens = model_lib.build_encoder(model_config)(video)["tokens"]
+      return nn.Dense(len(synthetic.SHAPES))(tokens.mean(1))
+
+  return Classifier()
+
+
+def _learn_shape(net, sample, training, steps: int, seed: int) -> list[dict]:
+  import jax
+  import optax
+
+  rng = np.random.default_rng(seed)
+  held_x, held_y = sample(rng, 96)
+  params = net.init(jax.random.key(seed), held_x[:2])
+  opt = optax.adamw(optax.warmup_cosine_decay_schedule(
+      0.0, float(training.learning_rate), 30, steps), weight_decay=float(training.weight_decay))
+  state = opt.init(params)
+
+  def loss_fn(params, x, y):
+    return optax.softmax_cross_entropy_with_integer_labels(net.apply(params, x), y).mean()
+
+  @jax.jit
+  def step(params, state, x, y):
+    grads = jax.grad(loss_fn)(params, x, y)
+    updates, state = opt.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  accuracy = jax.jit(lambda q, x, y: (net.apply(q, x).argmax(-1) == y).mean())
+  curve = []
+  for i in range(1, steps + 1):
+    params, state = step(params, state, *sample(rng, 16))
+    if i % 150 == 0 or i == steps:
+      curve.append(dict(step=i, held_out_accuracy=float(accuracy(params, held_x, held_y))))
+      print(curve[-1], flush=True)
+  return curve
+
+
+def write(result: dict, out: str) -> None:
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "results.json"), "w") as f:
+    json.dump(result, f, indent=1)
+  cmd = "python tools/diagnose_appearance.py " + " ".join(sys.argv[1:])
+  lines = ["# Appearance diagnosis", "", f"`{cmd}`", ""]
+  if "qa" in result:
+    lines += [f"Run {result['workdir']}, {result['predictions']}.", "",
+              "| question type | objects in clip | accuracy | questions |", "|---|---|---|---|"]
+    lines += [f"| {r['type']} | {r['objects']} | {r['accuracy']:.2f} | {r['questions']} |"
+              for r in result["qa"]]
+    lines += ["", "| caption names the actor's | accuracy |", "|---|---|"]
+    lines += [f"| {k} | {v['accuracy']:.2f} ({v['captions']}) |"
+              for k, v in result["caption_actor"].items()]
+    pr = result["probe"]
+    lines += ["", f"Linear probe of the token at each still object's cell (step {pr['step']}, "
+              f"{pr['objects']} objects in {pr['clips']} training clips; majority class: shape "
+              f"{pr['chance']['shape']:.2f}, colour {pr['chance']['colour']:.2f}):", "",
+              "| features | shape | colour |", "|---|---|---|"]
+    lines += [f"| {k} | {v['shape']:.2f} | {v['colour']:.2f} |"
+              for k, v in pr["features"].items()]
+  if "curves" in result:
+    lines += [f"Shape learnability, patch {result['patch']}, seed {result['seed']} "
+              "(held-out accuracy of 96 clips; chance 0.33):", "",
+              "| step | " + " | ".join(result["curves"]) + " |",
+              "|---|" + "---|" * len(result["curves"])]
+    for i, row in enumerate(next(iter(result["curves"].values()))):
+      lines.append(f"| {row['step']} | " + " | ".join(
+          f"{c[i]['held_out_accuracy']:.2f}" for c in result["curves"].values()) + " |")
+  with open(os.path.join(out, "results.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  print("\n".join(lines))
+
+
+def main(argv):
+  del argv
+  if _LEARNABILITY.value:
+    result = learnability(_STEMS.value, _PATCH.value, _STEPS.value, _SEED.value)
+  elif _WORKDIR.value:
+    result = diagnose_run(os.path.abspath(_WORKDIR.value), _SPLIT.value, _PROBE_CLIPS.value)
+  else:
+    raise SystemExit("Give --workdir=RUN (a run on the synthetic dataset) or --learnability.")
+  write(result, _OUT.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
