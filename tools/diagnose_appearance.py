@@ -39,16 +39,6 @@ import numpy as np
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _ROOT)
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A run trained on the synthetic dataset.")
-_SPLIT = flags.DEFINE_string("split", "validation", "Split whose predictions are broken down.")
-_PROBE_CLIPS = flags.DEFINE_integer("probe_clips", 800, "Training clips for the linear probe.")
-_LEARNABILITY = flags.DEFINE_bool("learnability", False, "Run the shape-learnability bench.")
-_STEMS = flags.DEFINE_list("stems", ["hybrid", "cnn"], "Bench: encoder stems, or cnn.")
-_PATCH = flags.DEFINE_integer("patch", 0, "Bench: spatial patch size (0: the demo's).")
-_STEPS = flags.DEFINE_integer("steps", 900, "Bench: training steps.")
-_SEED = flags.DEFINE_integer("seed", 0, "Bench: seed of the clips and the initialisation.")
-_OUT = flags.DEFINE_string("out", "benchmarks/appearance", "Output folder.")
-
 SHAPE_WORDS = r"\b(circle|square|triangle)\b"
 
 
@@ -289,16 +279,32 @@ def write(result: dict, out: str) -> None:
   print("\n".join(lines))
 
 
+def define_flags() -> None:
+  """The command's flags; defined only when run as a script, so importing the module (tests)
+  does not add them to absl's global registry."""
+  flags.DEFINE_string("workdir", None, "A run trained on the synthetic dataset.")
+  flags.DEFINE_string("split", "validation", "Split whose predictions are broken down.")
+  flags.DEFINE_integer("probe_clips", 800, "Training clips for the linear probe.")
+  flags.DEFINE_bool("learnability", False, "Run the shape-learnability bench.")
+  flags.DEFINE_list("stems", ["hybrid", "cnn"], "Bench: encoder stems, or cnn.")
+  flags.DEFINE_integer("patch", 0, "Bench: spatial patch size (0: the demo's).")
+  flags.DEFINE_integer("steps", 900, "Bench: training steps.")
+  flags.DEFINE_integer("seed", 0, "Bench: seed of the clips and the initialisation.")
+  flags.DEFINE_string("out", "benchmarks/appearance", "Output folder.")
+
+
 def main(argv):
   del argv
-  if _LEARNABILITY.value:
-    result = learnability(_STEMS.value, _PATCH.value, _STEPS.value, _SEED.value)
-  elif _WORKDIR.value:
-    result = diagnose_run(os.path.abspath(_WORKDIR.value), _SPLIT.value, _PROBE_CLIPS.value)
+  f = flags.FLAGS
+  if f.learnability:
+    result = learnability(f.stems, f.patch, f.steps, f.seed)
+  elif f.workdir:
+    result = diagnose_run(os.path.abspath(f.workdir), f.split, f.probe_clips)
   else:
     raise SystemExit("Give --workdir=RUN (a run on the synthetic dataset) or --learnability.")
-  write(result, _OUT.value)
+  write(result, f.out)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
