@@ -102,6 +102,10 @@ def diagnose_run(workdir: str, split: str, probe_clips: int) -> dict:
   if config.data.name != "synthetic":
     raise SystemExit(f"{workdir}/config.json: data.name={config.data.name!r}; this tool "
                      "needs a run on the synthetic dataset (it reads the generator's objects).")
+  footage = config.data.synthetic.get("footage", {})
+  if tuple(footage.get("pan", (0.0, 0.0))) != (0.0, 0.0) or footage.get("zoom", 1.0) != 1.0:
+    raise SystemExit(f"{workdir}/config.json: data.synthetic.footage moves the camera, so the "
+                     "objects are not at their generator positions; probe a run without it.")
   preds = sorted(glob.glob(os.path.join(workdir, "eval", f"predictions_{split}_step*.json")))
   if not preds:
     subprocess.run([sys.executable, "-m", "hvlm_jax.evaluate", f"--workdir={workdir}",
@@ -135,7 +139,10 @@ def diagnose_run(workdir: str, split: str, probe_clips: int) -> dict:
   for batch in data_lib.eval_batches(config, train, vocabs):
     tokens = {k: np.asarray(encode(v, batch)) for k, v in params.items()}
     for i in np.flatnonzero(batch["valid"]):
-      clip = synthetic.make_example(settings["seed"], "training", seen, settings)["clip"]
+      # The generator's objects of this clip: video ids are "training_{index:05d}".
+      video_id = train.entries[int(batch["index"][i])].video_id
+      index = int(video_id.rsplit("_", 1)[1])
+      clip = synthetic.make_example(settings["seed"], "training", index, settings)["clip"]
       seen += 1
       for o in clip["objects"][1:]:  # Still objects: the same cell in every frame.
         r, c = int(o["y"] // p), int(o["x"] // p)
