@@ -105,6 +105,8 @@ BAD_KEYS = [
     ("model.attention.cross_memory.memory_source", "pool"),
     ("model.motion_input", ("flow", "optical")),
     ("model.stem", "convolution"),
+    ("model.stem_norm", "batch"),
+    ("model.stem_convs_per_stage", 0),
     ("model.position_embedding", "learned"),
     ("model.qkv_bias", "qk"),
     ("model.layer_norm_epsilon", 0.0),

@@ -151,6 +151,40 @@ def test_conv_stem_is_per_frame_stride_two_convolutions_joined_per_tubelet(clip)
   assert boxes and all(len(b.names) == b.value.ndim for b in boxes)
 
 
+def test_conv_stem_group_norm_normalises_each_frame_over_space_and_channel_groups(clip):
+  from hvlm_jax.models.encoder import ConvStem
+  stem = ConvStem(32, (2, 4, 4), norm="group")
+  x = (clip - 0.45) / 0.225
+  v = stem.init(jax.random.key(3), x)
+  _, inter = stem.apply(v, x, capture_intermediates=lambda m, _: m.name in ("conv_0", "norm_0"),
+                        mutable=["intermediates"])
+  conv = np.asarray(inter["intermediates"]["conv_0"]["__call__"][0])  # (B * T, h, w, 8)
+  # Naive GroupNorm: 2 groups of 4 channels (width 8 / 4), statistics over each frame's pixels
+  # and the group's channels; scale 1 and bias 0 at initialisation.
+  g = conv.reshape(*conv.shape[:3], 2, 4).astype(np.float64)
+  ref = (g - g.mean((1, 2, 4), keepdims=True)) / np.sqrt(g.var((1, 2, 4), keepdims=True) + 1e-6)
+  np.testing.assert_allclose(inter["intermediates"]["norm_0"]["__call__"][0],
+                             ref.reshape(conv.shape), rtol=1e-4, atol=1e-4)
+  # Frames are normalised separately: changing frame 3 leaves frame 0's tubelet unchanged.
+  out = stem.apply(v, x)
+  np.testing.assert_array_equal(stem.apply(v, x.at[:, 3].mul(5.0))[:, 0], out[:, 0])
+
+
+def test_conv_stem_extra_convolutions_keep_the_grid_and_skip_the_last_stage(clip):
+  from hvlm_jax.models.encoder import ConvStem
+  x = (clip - 0.45) / 0.225
+  stem = ConvStem(32, (2, 4, 4), convs_per_stage=2)
+  v = nn.meta.unbox(stem.init(jax.random.key(3), x))["params"]
+  # Two stages (p = 4): a stride-1 conv after the first stride-2 one only.
+  assert sorted(k for k in v if k.startswith("conv")) == ["conv_0", "conv_0_1", "conv_1"]
+  assert v["conv_0_1"]["kernel"].shape == (3, 3, 8, 8)
+  _, inter = stem.apply({"params": v}, x, mutable=["intermediates"],
+                        capture_intermediates=lambda m, _: m.name in ("conv_0", "conv_0_1"))
+  shapes = {k: inter["intermediates"][k]["__call__"][0].shape for k in ("conv_0", "conv_0_1")}
+  assert shapes["conv_0"] == shapes["conv_0_1"] == (8, 4, 4, 8)
+  assert stem.apply({"params": v}, x).shape == (2, 2, 2, 2, 32)
+
+
 def test_hybrid_stem_adds_the_patch_and_conv_embeddings(clip):
   params = nn.meta.unbox(VideoEncoder(**SMALL, stem="hybrid").init(jax.random.key(1), clip))
   params = params["params"]

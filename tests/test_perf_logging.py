@@ -2,8 +2,11 @@
 against a given peak, compile time, and a profiler trace of the steps asked for."""
 import glob
 import os
+import subprocess
+import sys
 
 import numpy as np
+import pytest
 
 from hvlm_jax.train import trainer
 from hvlm_jax.train.metric_writer import read_scalars
@@ -30,3 +33,20 @@ def test_perf_scalars_and_profile_trace(tmp_path):
   flops_per_step = tflops * 1e12 * 8 / rate
   assert 1e6 < flops_per_step < 1e12  # A 1-layer width-32 model on 4 clips of 8 x 32^2.
   assert glob.glob(os.path.join(workdir, "profile", "**", "*.xplane.pb"), recursive=True)
+
+
+def test_summary_writer_is_imported_without_torch_and_torch_still_imports_afterwards(tmp_path):
+  # A fresh interpreter: tensorboardX alone would import torch (about 1 s) when installed.
+  pytest.importorskip("torch")
+  code = (
+      "import sys\n"
+      "from hvlm_jax.train.metric_writer import MetricWriter\n"
+      f"w = MetricWriter({str(tmp_path)!r}, 1)\n"
+      "w.write_scalars(1, {'loss': 1.0})\n"
+      "assert 'torch' not in sys.modules, 'tensorboardX imported torch'\n"
+      "import torch\n"
+      "assert torch.ones(2).sum().item() == 2.0\n")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path))

@@ -20,7 +20,8 @@ With --learnability: the demo encoder (its config, --stems, optionally --patch) 
 pool and a linear layer trained directly to name the shape of one still object on a random
 domain background (fresh clips every step, batch 16, AdamW with the demo's learning rate and
 a cosine schedule over --steps); held-out accuracy on 96 clips every 150 steps; a small plain
-CNN (3 stages of two 3x3 convolutions, GELU, global mean) as the reference.
+CNN (3 stages of two 3x3 convolutions, GELU, global mean; cnn_gn: GroupNorm after each) as
+the reference.
 Writes <out>/results.json and results.md.
 """
 from __future__ import annotations
@@ -193,11 +194,15 @@ def learnability(stems, patch: int, steps: int, seed: int) -> dict:
     return np.stack(clips), np.array(labels)
 
   out = {}
-  for stem in stems:
+  for name in stems:
     cfg = base.model.copy_and_resolve_references()
-    if stem != "cnn":
+    stem, *overrides = name.split(":")  # e.g. hybrid:stem_norm=group:stem_convs_per_stage=2
+    if not stem.startswith("cnn"):
       cfg.stem = stem
-    out[stem] = _learn_shape(_classifier(stem, cfg), sample, base.training, steps, seed)
+      for item in overrides:
+        key, _, value = item.partition("=")
+        cfg[key] = type(cfg[key])(value)
+    out[name] = _learn_shape(_classifier(stem, cfg), sample, base.training, steps, seed)
   return dict(patch=tuple(base.model.tubelet_size), steps=steps, seed=seed, curves=out)
 
 
@@ -210,11 +215,12 @@ def _classifier(stem: str, model_config):
   class Classifier(nn.Module):
     @nn.compact
     def __call__(self, video):
-      if stem == "cnn":
+      if stem.startswith("cnn"):  # "cnn": no normalisation; "cnn_gn": GroupNorm after each conv.
         y = video[:, 0].astype(jnp.float32) / 255.0 - 0.45
         for width in (32, 64, 128):
-          y = nn.gelu(nn.Conv(width, (3, 3), strides=(2, 2))(y))
-          y = nn.gelu(nn.Conv(width, (3, 3))(y))
+          for stride in (2, 1):
+            y = nn.Conv(width, (3, 3), strides=(stride, stride))(y)
+            y = nn.gelu(nn.GroupNorm(8)(y) if stem == "cnn_gn" else y)
         return nn.Dense(len(synthetic.SHAPES))(y.mean((1, 2)))
       tokens = model_lib.build_encoder(model_config)(video)["tokens"]
       return nn.Dense(len(synthetic.SHAPES))(tokens.mean(1))
@@ -293,7 +299,10 @@ def define_flags() -> None:
   flags.DEFINE_string("split", "validation", "Split whose predictions are broken down.")
   flags.DEFINE_integer("probe_clips", 800, "Training clips for the linear probe.")
   flags.DEFINE_bool("learnability", False, "Run the shape-learnability bench.")
-  flags.DEFINE_list("stems", ["hybrid", "cnn"], "Bench: encoder stems, or cnn.")
+  flags.DEFINE_list("stems", ["hybrid", "cnn"],
+                    "Bench: encoder stems (patch, conv, hybrid; STEM:KEY=VALUE:... also "
+                    "sets config.model keys), or cnn / cnn_gn (6 convs, without / with "
+                    "GroupNorm).")
   flags.DEFINE_integer("patch", 0, "Bench: spatial patch size (0: the demo's).")
   flags.DEFINE_integer("steps", 900, "Bench: training steps.")
   flags.DEFINE_integer("seed", 0, "Bench: seed of the clips and the initialisation.")

@@ -43,8 +43,8 @@ from hvlm_jax.models.domain.experts import (ROUTING_MODES, DomainExperts, Domain
                                             router_losses, routing_weights)
 from hvlm_jax.models.domain.lora import TARGETS, LoRASpec
 from hvlm_jax.models.encoder import (ARCHITECTURE_KEYS, CHANNEL_ORDERS, GELUS, MOTION_INPUTS,
-                                     POOLINGS, POSITION_EMBEDDINGS, STEMS, VideoEncoder,
-                                     encoder_architecture)
+                                     POOLINGS, POSITION_EMBEDDINGS, STEM_NORMS, STEMS,
+                                     VideoEncoder, encoder_architecture)
 from hvlm_jax.models.layers import ABSENT_QKV_BIASES
 from hvlm_jax.models.token_merging import MergingSpec
 from hvlm_jax.models.token_merging.merging import unmerge_to_grid
@@ -136,6 +136,12 @@ def check_encoder_config(model_config, video_config) -> None:
   if stem != "patch" and (p & (p - 1) or p < 2):
     raise ConfigError(f"config.model.stem={stem!r} needs a power-of-two patch size; got "
                       f"config.model.tubelet_size[1]={p}.")
+  if model_config.get("stem_norm", "layer") not in STEM_NORMS:
+    raise ConfigError(f"config.model.stem_norm={model_config.stem_norm!r} is not one of "
+                      f"{', '.join(STEM_NORMS)}.")
+  if int(model_config.get("stem_convs_per_stage", 1)) < 1:
+    raise ConfigError(f"config.model.stem_convs_per_stage={model_config.stem_convs_per_stage}"
+                      " must be at least 1.")
   frames, size = video_config.num_frames, video_config.frame_size
   if frames < 1 or frames % t:
     raise ConfigError(f"config.data.video.num_frames={frames} is not a positive multiple of "
@@ -223,6 +229,8 @@ def build_encoder(cfg, dtype=jnp.float32, remat_policy: str | None = None,
       lora=lora_spec(cfg), remat_policy=remat_policy,
       token_merging=MergingSpec.from_config(cfg.token_merging),
       motion_input=tuple(cfg.get("motion_input", ())), stem=str(cfg.get("stem", "patch")),
+      stem_norm=str(cfg.get("stem_norm", "layer")),
+      stem_convs_per_stage=int(cfg.get("stem_convs_per_stage", 1)),
       flow_options=tuple(sorted(dict(
           levels=int(flow.levels), iterations=int(flow.iterations),
           window_sigma=float(flow.window_sigma)).items())),
