@@ -94,10 +94,8 @@ def get_config(arg=None):
   # "hybrid": the sum of both.
   model.stem = "patch"
   # The conv stem's normalisation: "layer" (each pixel's channels) or "group" (GroupNorm over
-  # the frame; learns shape much sooner, encoder.py STEM_NORMS), and its convolutions per
-  # stage (2: a stride-1 3x3 convolution after each stride-2 one).
+  # the frame; learns shape sooner when supervised directly, encoder.py STEM_NORMS).
   model.stem_norm = "layer"
-  model.stem_convs_per_stage = 1
   # Encoder architecture (defaults: the ViViT-style encoder above). init_from=hf:DIR sets them
   # from the checkpoint's config.json (VideoMAE, ViViT; README "Start from a pretrained
   # backbone"), so they rarely need writing by hand.

@@ -106,7 +106,6 @@ BAD_KEYS = [
     ("model.motion_input", ("flow", "optical")),
     ("model.stem", "convolution"),
     ("model.stem_norm", "batch"),
-    ("model.stem_convs_per_stage", 0),
     ("model.position_embedding", "learned"),
     ("model.qkv_bias", "qk"),
     ("model.layer_norm_epsilon", 0.0),

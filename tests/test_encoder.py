@@ -170,21 +170,6 @@ def test_conv_stem_group_norm_normalises_each_frame_over_space_and_channel_group
   np.testing.assert_array_equal(stem.apply(v, x.at[:, 3].mul(5.0))[:, 0], out[:, 0])
 
 
-def test_conv_stem_extra_convolutions_keep_the_grid_and_skip_the_last_stage(clip):
-  from hvlm_jax.models.encoder import ConvStem
-  x = (clip - 0.45) / 0.225
-  stem = ConvStem(32, (2, 4, 4), convs_per_stage=2)
-  v = nn.meta.unbox(stem.init(jax.random.key(3), x))["params"]
-  # Two stages (p = 4): a stride-1 conv after the first stride-2 one only.
-  assert sorted(k for k in v if k.startswith("conv")) == ["conv_0", "conv_0_1", "conv_1"]
-  assert v["conv_0_1"]["kernel"].shape == (3, 3, 8, 8)
-  _, inter = stem.apply({"params": v}, x, mutable=["intermediates"],
-                        capture_intermediates=lambda m, _: m.name in ("conv_0", "conv_0_1"))
-  shapes = {k: inter["intermediates"][k]["__call__"][0].shape for k in ("conv_0", "conv_0_1")}
-  assert shapes["conv_0"] == shapes["conv_0_1"] == (8, 4, 4, 8)
-  assert stem.apply({"params": v}, x).shape == (2, 2, 2, 2, 32)
-
-
 def test_hybrid_stem_adds_the_patch_and_conv_embeddings(clip):
   params = nn.meta.unbox(VideoEncoder(**SMALL, stem="hybrid").init(jax.random.key(1), clip))
   params = params["params"]

@@ -139,9 +139,6 @@ def check_encoder_config(model_config, video_config) -> None:
   if model_config.get("stem_norm", "layer") not in STEM_NORMS:
     raise ConfigError(f"config.model.stem_norm={model_config.stem_norm!r} is not one of "
                       f"{', '.join(STEM_NORMS)}.")
-  if int(model_config.get("stem_convs_per_stage", 1)) < 1:
-    raise ConfigError(f"config.model.stem_convs_per_stage={model_config.stem_convs_per_stage}"
-                      " must be at least 1.")
   frames, size = video_config.num_frames, video_config.frame_size
   if frames < 1 or frames % t:
     raise ConfigError(f"config.data.video.num_frames={frames} is not a positive multiple of "
@@ -230,7 +227,6 @@ def build_encoder(cfg, dtype=jnp.float32, remat_policy: str | None = None,
       token_merging=MergingSpec.from_config(cfg.token_merging),
       motion_input=tuple(cfg.get("motion_input", ())), stem=str(cfg.get("stem", "patch")),
       stem_norm=str(cfg.get("stem_norm", "layer")),
-      stem_convs_per_stage=int(cfg.get("stem_convs_per_stage", 1)),
       flow_options=tuple(sorted(dict(
           levels=int(flow.levels), iterations=int(flow.iterations),
           window_sigma=float(flow.window_sigma)).items())),
