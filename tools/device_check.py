@@ -4,6 +4,7 @@ GPU; `--smoke` runs the same code at tiny sizes on any machine (CPU: a self-chec
 
     python tools/device_check.py                 # Writes benchmarks/<device>/results.json.
     python tools/device_check.py --smoke --out=/tmp/check
+    python tools/device_check.py --sections=train --dtypes=float32 --out=benchmarks/cpu_vit_b
 
 Sections of results.json:
   kernels     max |fused - xla| of outputs and of q/k/v gradients for every kernel path the
@@ -48,6 +49,11 @@ _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny sizes: a self-check on any mach
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per measurement (median).")
 _MAX_MEM = flags.DEFINE_float("max_memory_fraction", 0.8,
                               "Skip programs whose temporaries exceed this share of memory.")
+_SECTIONS = flags.DEFINE_multi_enum("sections", ["kernels", "attention", "train"],
+                                    ["kernels", "attention", "train"],
+                                    "Sections to run (the matmul rate is always measured).")
+_DTYPES = flags.DEFINE_multi_enum("dtypes", ["float32", "bfloat16"], ["float32", "bfloat16"],
+                                  "Compute dtypes of the train section and the matmul probe.")
 
 
 def device_name() -> str:
@@ -191,7 +197,7 @@ def bench_train(smoke: bool, repeats: int, matmul: dict) -> list[dict]:
   clips = jnp.asarray(np.random.default_rng(0).uniform(
       size=(batch, video.num_frames, video.frame_size, video.frame_size, 3)), jnp.float32)
   rows = []
-  for dtype in (jnp.float32, jnp.bfloat16):
+  for dtype in [jnp.dtype(d) for d in _DTYPES.value]:
     for remat in (None, "nothing_saveable"):
       encoder = build_encoder(config.model, dtype=dtype, remat_policy=remat)
       params = jax.jit(encoder.init)(jax.random.key(0), clips)
@@ -247,14 +253,17 @@ def main(argv):
   results = dict(
       meta=dict(device=device.device_kind, platform=device.platform, smoke=smoke,
                 jax=jax.__version__, command=" ".join(sys.argv), load=os.getloadavg()),
-      matmul=dict(float32_gflops=perf.measure_matmul_rate(size), bfloat16_gflops=perf.
-                  measure_matmul_rate(size, dtype=jnp.bfloat16),
-                  peak_bfloat16=perf.peak_flops(device, jnp.bfloat16),
-                  peak_float32=perf.peak_flops(device, jnp.float32)))
+      matmul={f"{d}_gflops": perf.measure_matmul_rate(size, dtype=jnp.dtype(d))
+              for d in _DTYPES.value})
+  results["matmul"].update(peak_bfloat16=perf.peak_flops(device, jnp.bfloat16),
+                           peak_float32=perf.peak_flops(device, jnp.float32))
   print(f"matmul {results['matmul']}", flush=True)
-  results["kernels"] = check_kernels(smoke)
-  results["attention"] = bench_attention(smoke, _REPEATS.value)
-  results["train"] = bench_train(smoke, _REPEATS.value, results["matmul"])
+  if "kernels" in _SECTIONS.value:
+    results["kernels"] = check_kernels(smoke)
+  if "attention" in _SECTIONS.value:
+    results["attention"] = bench_attention(smoke, _REPEATS.value)
+  if "train" in _SECTIONS.value:
+    results["train"] = bench_train(smoke, _REPEATS.value, results["matmul"])
   results["meta"]["seconds"] = time.perf_counter() - start
   with open(os.path.join(out, "results.json"), "w") as fh:
     json.dump(results, fh, indent=1, default=str)
