@@ -17,7 +17,8 @@ With --workdir (a run trained on `data.name="synthetic"`):
      probe on a freshly initialised encoder and on the raw pixels of the 3x3 cells around it.
      A probe below the fresh encoder's means training removed what the random features held.
 With --learnability: the demo encoder (its config, --stems, optionally --patch) plus a mean
-pool and a linear layer trained directly to name the shape of one still object on a random
+pool and a linear layer (or, with STEM:head=qa, the demo's QA head asked "what shape is the
+<colour> object ?") trained directly to name the shape of one still object on a random
 domain background (fresh clips every step, batch 16, AdamW with the demo's learning rate and
 a cosine schedule over --steps); held-out accuracy on 96 clips every 150 steps; a small plain
 CNN (3 stages of two 3x3 convolutions, GELU, global mean; cnn_gn: GroupNorm after each) as
@@ -178,8 +179,11 @@ def learnability(stems, patch: int, steps: int, seed: int) -> dict:
     base.model.tubelet_size = (base.model.tubelet_size[0], patch, patch)
   size, frames = int(base.data.video.frame_size), int(base.data.video.num_frames)
 
+  words = ["<pad>", "what", "shape", "is", "the", "object", "?", *synthetic.COLORS]
+
   def sample(rng, n):
-    clips, labels = [], []
+    """({"video": (n, T, S, S, 3) uint8, "question": (n, 1, 7) int32}, shape labels (n,))."""
+    clips, labels, questions = [], [], []
     for _ in range(n):
       label = int(rng.integers(len(synthetic.SHAPES)))
       r = size * rng.uniform(0.11, 0.14)
@@ -191,30 +195,43 @@ def learnability(stems, patch: int, steps: int, seed: int) -> dict:
       clip = dict(objects=[obj], events=[], frame_size=size)
       clips.append(synthetic.render_clip(clip, frames, 12, bg))
       labels.append(label)
-    return np.stack(clips), np.array(labels)
+      question = f"what shape is the {obj['color']} object ?".split()
+      questions.append([[words.index(w) for w in question]])
+    return (dict(video=np.stack(clips), question=np.array(questions, np.int32)),
+            np.array(labels))
 
   out = {}
   for name in stems:
     cfg = base.model.copy_and_resolve_references()
-    stem, *overrides = name.split(":")  # e.g. hybrid:stem_norm=group:stem_convs_per_stage=2
+    stem, *overrides = name.split(":")  # e.g. hybrid:stem_norm=group:head=qa
+    head = "linear"
     if not stem.startswith("cnn"):
       cfg.stem = stem
       for item in overrides:
         key, _, value = item.partition("=")
-        cfg[key] = type(cfg[key])(value)
-    out[name] = _learn_shape(_classifier(stem, cfg), sample, base.training, steps, seed)
+        if key == "head":
+          head = value
+        else:
+          cfg[key] = type(cfg[key])(value)
+    out[name] = _learn_shape(_classifier(stem, cfg, head, len(words)), sample, base.training,
+                             steps, seed)
   return dict(patch=tuple(base.model.tubelet_size), steps=steps, seed=seed, curves=out)
 
 
-def _classifier(stem: str, model_config):
+def _classifier(stem: str, model_config, head: str = "linear", vocab_size: int = 0):
+  """Shape logits from {"video", "question"}: a CNN, or the encoder with a mean pool and a
+  linear layer (head="linear") or the demo's QA head asked "what shape is the <colour>
+  object ?" with the three shapes as its answers (head="qa")."""
   import flax.linen as nn
   import jax.numpy as jnp
   from hvlm_jax.data import synthetic
+  from hvlm_jax.models import heads as heads_lib
   from hvlm_jax.models import model as model_lib
 
   class Classifier(nn.Module):
     @nn.compact
-    def __call__(self, video):
+    def __call__(self, inputs):
+      video = inputs["video"]
       if stem.startswith("cnn"):  # "cnn": no normalisation; "cnn_gn": GroupNorm after each conv.
         y = video[:, 0].astype(jnp.float32) / 255.0 - 0.45
         for width in (32, 64, 128):
@@ -223,6 +240,15 @@ def _classifier(stem: str, model_config):
             y = nn.gelu(nn.GroupNorm(8)(y) if stem == "cnn_gn" else y)
         return nn.Dense(len(synthetic.SHAPES))(y.mean((1, 2)))
       tokens = model_lib.build_encoder(model_config)(video)["tokens"]
+      if head == "qa":
+        return heads_lib.QAHead(
+            len(synthetic.SHAPES), vocab_size, hidden_size=model_config.hidden_size,
+            num_layers=model_config.heads.qa.num_layers,
+            num_heads=model_lib.text_heads(model_config),
+            mlp_dim=model_config.heads.text.mlp_dim or model_config.mlp_dim)(
+                inputs["question"], tokens)[:, 0]
+      if head != "linear":
+        raise SystemExit(f"--stems: head={head!r} is not linear or qa.")
       return nn.Dense(len(synthetic.SHAPES))(tokens.mean(1))
 
   return Classifier()
@@ -234,7 +260,7 @@ def _learn_shape(net, sample, training, steps: int, seed: int) -> list[dict]:
 
   rng = np.random.default_rng(seed)
   held_x, held_y = sample(rng, 96)
-  params = net.init(jax.random.key(seed), held_x[:2])
+  params = net.init(jax.random.key(seed), jax.tree.map(lambda a: a[:2], held_x))
   opt = optax.adamw(optax.warmup_cosine_decay_schedule(
       0.0, float(training.learning_rate), 30, steps), weight_decay=float(training.weight_decay))
   state = opt.init(params)
@@ -301,7 +327,8 @@ def define_flags() -> None:
   flags.DEFINE_bool("learnability", False, "Run the shape-learnability bench.")
   flags.DEFINE_list("stems", ["hybrid", "cnn"],
                     "Bench: encoder stems (patch, conv, hybrid; STEM:KEY=VALUE:... also "
-                    "sets config.model keys), or cnn / cnn_gn (6 convs, without / with "
+                    "sets config.model keys, and :head=qa puts the QA head on the "
+                    "encoder), or cnn / cnn_gn (6 convs, without / with "
                     "GroupNorm).")
   flags.DEFINE_integer("patch", 0, "Bench: spatial patch size (0: the demo's).")
   flags.DEFINE_integer("steps", 900, "Bench: training steps.")
