@@ -60,15 +60,14 @@ def total_train_steps(config, num_train_videos: int) -> int:
   return int(tr.num_epochs * steps_per_epoch)
 
 
-def create_train_state(model, tx, example_batch, mesh, rng, abstract=None):
+def create_train_state(model, tx, example_batch, mesh, rng, abstract):
   """Initialises the train state directly into its shardings (never whole on one device).
 
-  `abstract`: run_lib.abstract_params(model, example_batch, mesh) when the caller has it
+  `abstract`: run_lib.abstract_params(model, example_batch, mesh), computed once by the caller
   (each call traces the model). Returns (state, state_shardings, abstract_state).
   """
   init = run_lib.init_fn(model, example_batch)
-  abstract_params, param_shardings = abstract or run_lib.abstract_params(
-      model, example_batch, mesh)
+  abstract_params, param_shardings = abstract
 
   def init_state(rng):
     params = nn.meta.unbox(init(rng))
