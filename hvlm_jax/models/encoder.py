@@ -154,8 +154,8 @@ class ConvStem(nn.Module):
   most of all on small data. (B, T, H, W, C) -> (B, T/t, H/p, W/p, D). Channels double per
   stage up to D/2 at the last one. On the demo data (motion inputs on, 200 steps, validation
   split) it raised action mAP@0.5 from 0.42 to 0.60-0.62 but lowered QA accuracy (colour
-  questions most); `stem="hybrid"` (patch + conv, what configs/demo.py uses) answered best (QA 0.74
-  against 0.63 with the patch stem and 0.54 with the conv stem).
+  questions most); `stem="hybrid"` (patch + conv, what configs/demo.py uses) answered best
+  (QA 0.74 against 0.63 with the patch stem and 0.54 with the conv stem).
   """
   hidden_size: int
   tubelet_size: tuple[int, int, int]
