@@ -4,7 +4,7 @@ GPU; `--smoke` runs the same code at tiny sizes on any machine (CPU: a self-chec
 
     python tools/device_check.py                 # Writes benchmarks/<device>/results.json.
     python tools/device_check.py --smoke --out=/tmp/check
-    python tools/device_check.py --sections=train --dtypes=float32 --out=benchmarks/cpu_vit_b
+    python tools/device_check.py --sections=train --dtypes=float32 --out=benchmarks/train/vit_b_cpu
 
 Sections of results.json:
   kernels     max |fused - xla| of outputs and of q/k/v gradients for every kernel path the

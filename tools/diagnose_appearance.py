@@ -171,6 +171,7 @@ def diagnose_run(workdir: str, split: str, probe_clips: int) -> dict:
 
 
 def learnability(stems, patch: int, steps: int, seed: int) -> dict:
+  import ml_collections
   from hvlm_jax.config import import_sibling
   from hvlm_jax.data import synthetic
 
@@ -205,12 +206,16 @@ def learnability(stems, patch: int, steps: int, seed: int) -> dict:
     cfg = base.model.copy_and_resolve_references()
     stem, *overrides = name.split(":")  # e.g. hybrid:stem_norm=group:head=qa
     head = "linear"
+    if stem.startswith("cnn") and overrides:
+      raise SystemExit(f"--stems entry {name!r}: the cnn references take no :KEY=VALUE.")
     if not stem.startswith("cnn"):
       cfg.stem = stem
       for item in overrides:
         key, _, value = item.partition("=")
         if key == "head":
           head = value
+        elif key not in cfg or isinstance(cfg[key], (dict, ml_collections.ConfigDict)):
+          raise SystemExit(f"--stems entry {name!r}: {key!r} is not a config.model key.")
         else:
           cfg[key] = type(cfg[key])(value)
     out[name] = _learn_shape(_classifier(stem, cfg, head, len(words)), sample, base.training,
