@@ -96,6 +96,13 @@ def get_config(arg=None):
   # The conv stem's normalisation: "layer" (each pixel's channels) or "group" (GroupNorm over
   # the frame; learns shape sooner when supervised directly, encoder.py STEM_NORMS).
   model.stem_norm = "layer"
+  # The conv stem's size: first-stage channels (0: hidden_size / patch * 2, at least 8),
+  # doubling per stage up to hidden_size; and 3x3 convolutions per stage (the first strided).
+  model.stem_width = 0
+  model.stem_depth = 1
+  # Space-to-depth factor: the conv stages stop at stride patch / fold and each token
+  # concatenates its fold x fold cells before the projection (1: stages down to the patch grid).
+  model.stem_fold = 1
   # Encoder architecture (defaults: the ViViT-style encoder above). init_from=hf:DIR sets them
   # from the checkpoint's config.json (VideoMAE, ViViT; README "Start from a pretrained
   # backbone"), so they rarely need writing by hand.

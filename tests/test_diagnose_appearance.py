@@ -4,6 +4,7 @@ import importlib.util
 import os
 
 import numpy as np
+import pytest
 
 _PATH = os.path.join(os.path.dirname(__file__), "..", "tools", "diagnose_appearance.py")
 _spec = importlib.util.spec_from_file_location("diagnose_appearance", _PATH)
@@ -45,3 +46,17 @@ def test_linear_probe_finds_a_linear_class_and_not_noise():
   assert tool.linear_probe(x, y, 3) > 0.95
   noise = rng.normal(size=(600, 20))
   assert tool.linear_probe(noise, y, 3) < 0.5  # Chance is about 1/3.
+
+
+def test_stem_entry_sets_model_keys_and_names_a_bad_one():
+  import ml_collections
+  cfg = ml_collections.ConfigDict(dict(stem="patch", stem_depth=1, motion_input=("difference",),
+                                       attention=dict(type="full")))
+  assert tool.parse_stem_entry("hybrid:stem_depth=2:motion_input=flow+difference:head=qa",
+                               cfg) == ("hybrid", "qa")
+  assert (cfg.stem, cfg.stem_depth, cfg.motion_input) == ("hybrid", 2, ("flow", "difference"))
+  tool.parse_stem_entry("conv:motion_input=", cfg)
+  assert cfg.motion_input == ()
+  for bad in ("conv:stem_dpth=2", "conv:attention=full", "cnn_gn:stem_depth=2"):
+    with pytest.raises(SystemExit, match="--stems entry"):
+      tool.parse_stem_entry(bad, cfg)

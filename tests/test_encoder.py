@@ -170,6 +170,54 @@ def test_conv_stem_group_norm_normalises_each_frame_over_space_and_channel_group
   np.testing.assert_array_equal(stem.apply(v, x.at[:, 3].mul(5.0))[:, 0], out[:, 0])
 
 
+def test_conv_stem_width_and_depth(clip):
+  from hvlm_jax.models.encoder import ConvStem
+  x = (clip - 0.45) / 0.225
+  wide = nn.meta.unbox(ConvStem(32, (2, 4, 4), width=12, depth=2).init(jax.random.key(3), x))
+  kernels = {k: v["kernel"].shape for k, v in wide["params"].items() if k.startswith("conv")}
+  # Stage i has width 12 * 2**i, capped at the model width; the second conv of a stage keeps it.
+  assert kernels == {"conv_0": (3, 3, 3, 12), "conv_0_1": (3, 3, 12, 12),
+                     "conv_1": (3, 3, 12, 24), "conv_1_1": (3, 3, 24, 24)}
+  # With a stage's extra conv set to the identity (centre tap 1, bias 0), its norm sees the
+  # stage's first output after GELU: naive LayerNorm of naive GELU (stride 1, same padding).
+  deep = ConvStem(32, (2, 4, 4), width=12, depth=2)
+  p = jax.tree.map(np.asarray, wide["params"])
+  for name in ("conv_0_1", "conv_1_1"):
+    k = np.zeros_like(p[name]["kernel"])
+    k[1, 1] = np.eye(k.shape[-1])
+    p[name] = dict(kernel=k, bias=np.zeros_like(p[name]["bias"]))
+  _, inter = deep.apply({"params": p}, x, capture_intermediates=True, mutable=["intermediates"])
+  got = inter["intermediates"]
+  y0 = np.asarray(got["norm_0"]["__call__"][0], np.float64)
+  y0 = 0.5 * y0 * (1 + np.tanh(np.sqrt(2 / np.pi) * (y0 + 0.044715 * y0 ** 3)))  # GELU
+  ref = (y0 - y0.mean(-1, keepdims=True)) / np.sqrt(y0.var(-1, keepdims=True) + 1e-6)
+  np.testing.assert_allclose(got["norm_0_1"]["__call__"][0], ref, rtol=1e-4, atol=1e-4)
+  # Fold 2: one stage to stride 2, then each token concatenates its tubelet's frames and its
+  # 2 x 2 cells (naive space-to-depth) before the projection.
+  folded = ConvStem(32, (2, 4, 4), fold=2)
+  v = nn.meta.unbox(folded.init(jax.random.key(4), x))
+  out, inter = folded.apply(v, x, capture_intermediates=True, mutable=["intermediates"])
+  cells = np.asarray(inter["intermediates"]["norm_0"]["__call__"][0], np.float64)
+  cells = 0.5 * cells * (1 + np.tanh(np.sqrt(2 / np.pi) * (cells + 0.044715 * cells ** 3)))
+  b, t, h, w = x.shape[:4]
+  cells = cells.reshape(b, t, h // 2, w // 2, -1)
+  tokens = np.empty((b, t // 2, h // 4, w // 4, 2 * 2 * 2 * cells.shape[-1]))
+  for i in range(h // 4):
+    for j in range(w // 4):
+      for k in range(t // 2):
+        tokens[:, k, i, j] = np.concatenate([cells[:, 2 * k + dt, 2 * i + di, 2 * j + dj]
+                                             for dt in range(2) for di in range(2)
+                                             for dj in range(2)], -1)
+  proj = v["params"]["projection"]
+  np.testing.assert_allclose(out, tokens @ np.asarray(proj["kernel"]) + np.asarray(proj["bias"]),
+                             rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="stem_fold"):
+    ConvStem(32, (2, 4, 4), fold=4).init(jax.random.key(4), x)
+  # Depth 1 (the default) keeps the original parameter names: old checkpoints still load.
+  names = nn.meta.unbox(ConvStem(32, (2, 4, 4)).init(jax.random.key(3), x))["params"]
+  assert sorted(names) == ["conv_0", "conv_1", "norm_0", "norm_1", "projection"]
+
+
 def test_hybrid_stem_adds_the_patch_and_conv_embeddings(clip):
   params = nn.meta.unbox(VideoEncoder(**SMALL, stem="hybrid").init(jax.random.key(1), clip))
   params = params["params"]

@@ -171,7 +171,6 @@ def diagnose_run(workdir: str, split: str, probe_clips: int) -> dict:
 
 
 def learnability(stems, patch: int, steps: int, seed: int) -> dict:
-  import ml_collections
   from hvlm_jax.config import import_sibling
   from hvlm_jax.data import synthetic
 
@@ -204,23 +203,34 @@ def learnability(stems, patch: int, steps: int, seed: int) -> dict:
   out = {}
   for name in stems:
     cfg = base.model.copy_and_resolve_references()
-    stem, *overrides = name.split(":")  # e.g. hybrid:stem_norm=group:head=qa
-    head = "linear"
-    if stem.startswith("cnn") and overrides:
-      raise SystemExit(f"--stems entry {name!r}: the cnn references take no :KEY=VALUE.")
-    if not stem.startswith("cnn"):
-      cfg.stem = stem
-      for item in overrides:
-        key, _, value = item.partition("=")
-        if key == "head":
-          head = value
-        elif key not in cfg or isinstance(cfg[key], (dict, ml_collections.ConfigDict)):
-          raise SystemExit(f"--stems entry {name!r}: {key!r} is not a config.model key.")
-        else:
-          cfg[key] = type(cfg[key])(value)
+    stem, head = parse_stem_entry(name, cfg)
     out[name] = _learn_shape(_classifier(stem, cfg, head, len(words)), sample, base.training,
                              steps, seed)
   return dict(patch=tuple(base.model.tubelet_size), steps=steps, seed=seed, curves=out)
+
+
+def parse_stem_entry(name: str, cfg) -> tuple[str, str]:
+  """A --stems entry STEM[:KEY=VALUE...][:head=linear|qa] -> (stem, head); sets each KEY of
+  config.model `cfg` (a tuple value is written a+b, an empty one KEY=)."""
+  import ml_collections
+
+  stem, *overrides = name.split(":")
+  head = "linear"
+  if stem.startswith("cnn") and overrides:
+    raise SystemExit(f"--stems entry {name!r}: the cnn references take no :KEY=VALUE.")
+  if not stem.startswith("cnn"):
+    cfg.stem = stem
+    for item in overrides:
+      key, _, value = item.partition("=")
+      if key == "head":
+        head = value
+      elif key not in cfg or isinstance(cfg[key], (dict, ml_collections.ConfigDict)):
+        raise SystemExit(f"--stems entry {name!r}: {key!r} is not a config.model key.")
+      elif isinstance(cfg[key], tuple):  # e.g. motion_input=difference+flow, or empty
+        cfg[key] = tuple(x for x in value.split("+") if x)
+      else:
+        cfg[key] = type(cfg[key])(value)
+  return stem, head
 
 
 def _classifier(stem: str, model_config, head: str = "linear", vocab_size: int = 0):

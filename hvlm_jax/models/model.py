@@ -139,6 +139,14 @@ def check_encoder_config(model_config, video_config) -> None:
   if model_config.get("stem_norm", "layer") not in STEM_NORMS:
     raise ConfigError(f"config.model.stem_norm={model_config.stem_norm!r} is not one of "
                       f"{', '.join(STEM_NORMS)}.")
+  for key, low in (("stem_width", 0), ("stem_depth", 1), ("stem_fold", 1)):
+    value = model_config.get(key, low)
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+      raise ConfigError(f"config.model.{key}={value!r} must be an integer >= {low}.")
+  fold = model_config.get("stem_fold", 1)
+  if stem != "patch" and (fold & (fold - 1) or fold > p // 2):
+    raise ConfigError(f"config.model.stem_fold={fold} must be a power of two below the patch "
+                      f"size config.model.tubelet_size[1]={p}.")
   frames, size = video_config.num_frames, video_config.frame_size
   if frames < 1 or frames % t:
     raise ConfigError(f"config.data.video.num_frames={frames} is not a positive multiple of "
@@ -227,6 +235,8 @@ def build_encoder(cfg, dtype=jnp.float32, remat_policy: str | None = None,
       token_merging=MergingSpec.from_config(cfg.token_merging),
       motion_input=tuple(cfg.get("motion_input", ())), stem=str(cfg.get("stem", "patch")),
       stem_norm=str(cfg.get("stem_norm", "layer")),
+      stem_width=int(cfg.get("stem_width", 0)), stem_depth=int(cfg.get("stem_depth", 1)),
+      stem_fold=int(cfg.get("stem_fold", 1)),
       flow_options=tuple(sorted(dict(
           levels=int(flow.levels), iterations=int(flow.iterations),
           window_sigma=float(flow.window_sigma)).items())),
