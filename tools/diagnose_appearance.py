@@ -18,7 +18,8 @@ With --workdir (a run trained on `data.name="synthetic"`):
      A probe below the fresh encoder's means training removed what the random features held.
 With --learnability: the demo encoder (its config, --stems, optionally --patch) plus a mean
 pool and a linear layer (or, with STEM:head=qa, the demo's QA head asked "what shape is the
-<colour> object ?") trained directly to name the shape of one still object on a random
+<colour> object ?"; with STEM:head=qa_mix, that and three more questions about the same
+object, its colour, its presence and an absent one, all in the loss, shape scored) trained directly to name the shape of one still object on a random
 domain background (fresh clips every step, batch 16, AdamW with the demo's learning rate and
 a cosine schedule over --steps); held-out accuracy on 96 clips every 150 steps; a small plain
 CNN (3 stages of two 3x3 convolutions, GELU, global mean; cnn_gn: GroupNorm after each) as
@@ -28,6 +29,7 @@ Writes <out>/results.json and results.md.
 from __future__ import annotations
 
 import collections
+import functools
 import glob
 import json
 import os
@@ -179,24 +181,36 @@ def learnability(stems, patch: int, steps: int, seed: int) -> dict:
     base.model.tubelet_size = (base.model.tubelet_size[0], patch, patch)
   size, frames = int(base.data.video.frame_size), int(base.data.video.num_frames)
 
-  words = ["<pad>", "what", "shape", "is", "the", "object", "?", *synthetic.COLORS]
+  words = ["<pad>", "what", "shape", "is", "the", "object", "?", "color", "there", "a",
+           *synthetic.COLORS, *synthetic.SHAPES]
+  colors = list(synthetic.COLORS)
+  # head=qa_mix answers: the shapes, then the colours, then yes / no.
+  answers = [*synthetic.SHAPES, *colors, "yes", "no"]
 
-  def sample(rng, n):
-    """({"video": (n, T, S, S, 3) uint8, "question": (n, 1, 7) int32}, shape labels (n,))."""
+  def sample(rng, n, mix=False):
+    """({"video": (n, T, S, S, 3) uint8, "question": (n, Q, 7) int32}, labels): shape labels
+    (n,) and Q=1, or with `mix` four questions per clip and their answer ids (n, 4)."""
     clips, labels, questions = [], [], []
     for _ in range(n):
       label = int(rng.integers(len(synthetic.SHAPES)))
       r = size * rng.uniform(0.11, 0.14)
       x, y = rng.uniform(r + 1, size - r - 1, size=2)
       obj = dict(shape=synthetic.SHAPES[label], x=x, y=y, r=r,
-                 color=list(synthetic.COLORS)[rng.integers(len(synthetic.COLORS))])
+                 color=colors[rng.integers(len(colors))])
       bg = synthetic.background(rng, synthetic.DOMAINS[rng.integers(len(synthetic.DOMAINS))],
                                 size)
       clip = dict(objects=[obj], events=[], frame_size=size)
       clips.append(synthetic.render_clip(clip, frames, 12, bg))
-      labels.append(label)
-      question = f"what shape is the {obj['color']} object ?".split()
-      questions.append([[words.index(w) for w in question]])
+      asked = [(f"what shape is the {obj['color']} object ?", obj["shape"])]
+      if mix:  # The demo's other kinds about the same object: colour, presence, absence.
+        other = [c for c in colors if c != obj["color"]][rng.integers(len(colors) - 1)]
+        absent_shape = synthetic.SHAPES[rng.integers(len(synthetic.SHAPES))]
+        asked += [(f"what color is the {obj['shape']} ?", obj["color"]),
+                  (f"is there a {obj['color']} {obj['shape']} ?", "yes"),
+                  (f"is there a {other} {absent_shape} ?", "no")]
+      questions.append([[words.index(w) for w in q.split()] + [0] * (7 - len(q.split()))
+                        for q, _ in asked])
+      labels.append([answers.index(a) for _, a in asked] if mix else label)
     return (dict(video=np.stack(clips), question=np.array(questions, np.int32)),
             np.array(labels))
 
@@ -204,8 +218,10 @@ def learnability(stems, patch: int, steps: int, seed: int) -> dict:
   for name in stems:
     cfg = base.model.copy_and_resolve_references()
     stem, head = parse_stem_entry(name, cfg)
-    out[name] = _learn_shape(_classifier(stem, cfg, head, len(words)), sample, base.training,
-                             steps, seed)
+    mix = head == "qa_mix"
+    net = _classifier(stem, cfg, head, len(words), len(answers) if mix else 0)
+    out[name] = _learn_shape(net, functools.partial(sample, mix=mix), base.training, steps,
+                             seed)
   return dict(patch=tuple(base.model.tubelet_size), steps=steps, seed=seed, curves=out)
 
 
@@ -233,10 +249,13 @@ def parse_stem_entry(name: str, cfg) -> tuple[str, str]:
   return stem, head
 
 
-def _classifier(stem: str, model_config, head: str = "linear", vocab_size: int = 0):
+def _classifier(stem: str, model_config, head: str = "linear", vocab_size: int = 0,
+                num_answers: int = 0):
   """Shape logits from {"video", "question"}: a CNN, or the encoder with a mean pool and a
   linear layer (head="linear") or the demo's QA head asked "what shape is the <colour>
-  object ?" with the three shapes as its answers (head="qa")."""
+  object ?" with the three shapes as its answers (head="qa"), or asked that and three more
+  questions (colour, presence, absence) over `num_answers` answers (head="qa_mix": logits
+  (B, 4, num_answers))."""
   import flax.linen as nn
   import jax.numpy as jnp
   from hvlm_jax.data import synthetic
@@ -255,15 +274,16 @@ def _classifier(stem: str, model_config, head: str = "linear", vocab_size: int =
             y = nn.gelu(nn.GroupNorm(8)(y) if stem == "cnn_gn" else y)
         return nn.Dense(len(synthetic.SHAPES))(y.mean((1, 2)))
       tokens = model_lib.build_encoder(model_config)(video)["tokens"]
-      if head == "qa":
-        return heads_lib.QAHead(
-            len(synthetic.SHAPES), vocab_size, hidden_size=model_config.hidden_size,
-            num_layers=model_config.heads.qa.num_layers,
+      if head in ("qa", "qa_mix"):
+        logits = heads_lib.QAHead(
+            num_answers or len(synthetic.SHAPES), vocab_size,
+            hidden_size=model_config.hidden_size, num_layers=model_config.heads.qa.num_layers,
             num_heads=model_lib.text_heads(model_config),
             mlp_dim=model_config.heads.text.mlp_dim or model_config.mlp_dim)(
-                inputs["question"], tokens)[:, 0]
+                inputs["question"], tokens)
+        return logits if head == "qa_mix" else logits[:, 0]
       if head != "linear":
-        raise SystemExit(f"--stems: head={head!r} is not linear or qa.")
+        raise SystemExit(f"--stems: head={head!r} is not linear, qa or qa_mix.")
       return nn.Dense(len(synthetic.SHAPES))(tokens.mean(1))
 
   return Classifier()
@@ -289,7 +309,11 @@ def _learn_shape(net, sample, training, steps: int, seed: int) -> list[dict]:
     updates, state = opt.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
-  accuracy = jax.jit(lambda q, x, y: (net.apply(q, x).argmax(-1) == y).mean())
+  def accuracy(params, x, y):  # Of the shape question (the first, with several per clip).
+    pred = net.apply(params, x).argmax(-1)
+    return (pred[:, 0] == y[:, 0]).mean() if y.ndim == 2 else (pred == y).mean()
+
+  accuracy = jax.jit(accuracy)
   curve = []
   for i in range(1, steps + 1):
     params, state = step(params, state, *sample(rng, 16))
@@ -342,7 +366,7 @@ def define_flags() -> None:
   flags.DEFINE_bool("learnability", False, "Run the shape-learnability bench.")
   flags.DEFINE_list("stems", ["hybrid", "cnn"],
                     "Bench: encoder stems (patch, conv, hybrid; STEM:KEY=VALUE:... also "
-                    "sets config.model keys, and :head=qa puts the QA head on the "
+                    "sets config.model keys, and :head=qa or :head=qa_mix puts the QA head on the "
                     "encoder), or cnn / cnn_gn (6 convs, without / with "
                     "GroupNorm).")
   flags.DEFINE_integer("patch", 0, "Bench: spatial patch size (0: the demo's).")
