@@ -172,7 +172,8 @@ def diagnose_run(workdir: str, split: str, probe_clips: int) -> dict:
   return result
 
 
-def learnability(stems, patch: int, steps: int, seed: int) -> dict:
+def learnability(stems, patch: int, steps: int, seed: int,
+                 trainer_optimizer: bool = False) -> dict:
   from hvlm_jax.config import import_sibling
   from hvlm_jax.data import synthetic
 
@@ -220,9 +221,10 @@ def learnability(stems, patch: int, steps: int, seed: int) -> dict:
     stem, head = parse_stem_entry(name, cfg)
     mix = head == "qa_mix"
     net = _classifier(stem, cfg, head, len(words), len(answers) if mix else 0)
-    out[name] = _learn_shape(net, functools.partial(sample, mix=mix), base.training, steps,
-                             seed)
-  return dict(patch=tuple(base.model.tubelet_size), steps=steps, seed=seed, curves=out)
+    out[name] = _learn_shape(net, functools.partial(sample, mix=mix), base, steps, seed,
+                             trainer_optimizer)
+  return dict(patch=tuple(base.model.tubelet_size), steps=steps, seed=seed, curves=out,
+              optimizer="trainer" if trainer_optimizer else "adamw")
 
 
 def parse_stem_entry(name: str, cfg) -> tuple[str, str]:
@@ -289,15 +291,22 @@ def _classifier(stem: str, model_config, head: str = "linear", vocab_size: int =
   return Classifier()
 
 
-def _learn_shape(net, sample, training, steps: int, seed: int) -> list[dict]:
+def _learn_shape(net, sample, config, steps: int, seed: int,
+                 trainer_optimizer: bool = False) -> list[dict]:
   import jax
   import optax
+  from hvlm_jax.train import state as state_lib
 
   rng = np.random.default_rng(seed)
   held_x, held_y = sample(rng, 96)
   params = net.init(jax.random.key(seed), jax.tree.map(lambda a: a[:2], held_x))
-  opt = optax.adamw(optax.warmup_cosine_decay_schedule(
-      0.0, float(training.learning_rate), 30, steps), weight_decay=float(training.weight_decay))
+  training = config.training
+  if trainer_optimizer:  # The trainer's: global-norm clipping, masked decay, its schedule.
+    opt = state_lib.make_optimizer(config, params, steps)
+  else:
+    opt = optax.adamw(optax.warmup_cosine_decay_schedule(
+        0.0, float(training.learning_rate), 30, steps),
+        weight_decay=float(training.weight_decay))
   state = opt.init(params)
 
   def loss_fn(params, x, y):
@@ -370,6 +379,9 @@ def define_flags() -> None:
                     "encoder), or cnn / cnn_gn (6 convs, without / with "
                     "GroupNorm).")
   flags.DEFINE_integer("patch", 0, "Bench: spatial patch size (0: the demo's).")
+  flags.DEFINE_bool("trainer_optimizer", False,
+                    "Bench: the trainer's optimizer for the demo config (gradient clipping, "
+                    "decay mask, its schedule) instead of plain AdamW.")
   flags.DEFINE_integer("steps", 900, "Bench: training steps.")
   flags.DEFINE_integer("seed", 0, "Bench: seed of the clips and the initialisation.")
   flags.DEFINE_string("out", "benchmarks/appearance", "Output folder.")
@@ -379,7 +391,7 @@ def main(argv):
   del argv
   f = flags.FLAGS
   if f.learnability:
-    result = learnability(f.stems, f.patch, f.steps, f.seed)
+    result = learnability(f.stems, f.patch, f.steps, f.seed, f.trainer_optimizer)
   elif f.workdir:
     result = diagnose_run(os.path.abspath(f.workdir), f.split, f.probe_clips)
   else:
