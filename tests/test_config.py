@@ -107,6 +107,7 @@ BAD_KEYS = [
     ("model.stem", "convolution"),
     ("model.stem_norm", "batch"),
     ("model.stem_width", -8),
+    ("model.stem_width", 2),
     ("model.stem_depth", 0),
     ("model.stem_fold", 3),
     ("model.position_embedding", "learned"),

@@ -143,6 +143,9 @@ def check_encoder_config(model_config, video_config) -> None:
     value = model_config.get(key, low)
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
       raise ConfigError(f"config.model.{key}={value!r} must be an integer >= {low}.")
+  if 0 < model_config.get("stem_width", 0) < 4:
+    raise ConfigError(f"config.model.stem_width={model_config.stem_width} must be 0 "
+                      "(automatic) or at least 4 (GroupNorm groups of 4 channels).")
   fold = model_config.get("stem_fold", 1)
   if stem != "patch" and (fold & (fold - 1) or fold > p // 2):
     raise ConfigError(f"config.model.stem_fold={fold} must be a power of two below the patch "
