@@ -19,11 +19,12 @@ With --workdir (a run trained on `data.name="synthetic"`):
 With --learnability: the demo encoder (its config, --stems, optionally --patch) plus a mean
 pool and a linear layer (or, with STEM:head=qa, the demo's QA head asked "what shape is the
 <colour> object ?"; with STEM:head=qa_mix, that and three more questions about the same
-object, its colour, its presence and an absent one, all in the loss, shape scored) trained directly to name the shape of one still object on a random
-domain background (fresh clips every step, batch 16, AdamW with the demo's learning rate and
-a cosine schedule over --steps); held-out accuracy on 96 clips every 150 steps; a small plain
-CNN (3 stages of two 3x3 convolutions, GELU, global mean; cnn_gn: GroupNorm after each) as
-the reference.
+object, its colour, its presence and an absent one, all in the loss, shape scored) trained
+directly to name the shape of one still object on a random domain background (fresh clips
+every step, batch 16, AdamW with the demo's learning rate and a cosine schedule over --steps,
+or with --trainer_optimizer the trainer's own optimizer for the demo config); held-out
+accuracy on 96 clips every 150 steps; a small plain CNN (3 stages of two 3x3 convolutions,
+GELU, global mean; cnn_gn: GroupNorm after each) as the reference.
 Writes <out>/results.json and results.md.
 """
 from __future__ import annotations
@@ -228,8 +229,8 @@ def learnability(stems, patch: int, steps: int, seed: int,
 
 
 def parse_stem_entry(name: str, cfg) -> tuple[str, str]:
-  """A --stems entry STEM[:KEY=VALUE...][:head=linear|qa] -> (stem, head); sets each KEY of
-  config.model `cfg` (a tuple value is written a+b, an empty one KEY=)."""
+  """A --stems entry STEM[:KEY=VALUE...][:head=linear|qa|qa_mix] -> (stem, head); sets each
+  KEY of config.model `cfg` (a tuple value is written a+b, an empty one KEY=)."""
   import ml_collections
 
   stem, *overrides = name.split(":")
