@@ -39,6 +39,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from hvlm_jax.config import import_sibling  # noqa: E402
+from hvlm_jax.data import synthetic  # noqa: E402
 from hvlm_jax.train.metric_writer import read_scalars  # noqa: E402
 
 _STUDY = flags.DEFINE_string("study", None, "Study name (experiments/<name>.py) or path.")
@@ -217,7 +218,10 @@ def _meta(name, study, budget) -> dict:
                      f"({platform.machine()}, {os.cpu_count()} cores, shared)",
               budget=budget, width=m.hidden_size, heads=m.num_attention_heads,
               mlp=m.mlp_dim, frames=d.video.num_frames, frame_size=d.video.frame_size,
-              dataset=f"{d.name} {dict(d.synthetic.num_videos)}", seed=config.seed,
+              dataset=f"{d.name} {dict(d.synthetic.num_videos)}" + "".join(
+                  f", footage {v}" for k, v in synthetic.settings_from_config(config).items()
+                  if k == "footage"),
+              seed=config.seed,
               learning_rate=config.training.learning_rate)
 
 

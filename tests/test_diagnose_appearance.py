@@ -60,3 +60,36 @@ def test_stem_entry_sets_model_keys_and_names_a_bad_one():
   for bad in ("conv:stem_dpth=2", "conv:attention=full", "cnn_gn:stem_depth=2"):
     with pytest.raises(SystemExit, match="--stems entry"):
       tool.parse_stem_entry(bad, cfg)
+
+
+def test_askable_objects_leave_out_an_actor_that_changes_shape():
+  objects = [dict(color="red", shape="circle"), dict(color="blue", shape="square")]
+  still = dict(objects=objects, events=[dict(label="move_left", start=0.0, end=1.0)])
+  change = dict(objects=objects, events=[dict(label="change_shape", start=0.0, end=1.0,
+                                              target="triangle")])
+  assert tool.askable_objects(still) == objects
+  assert tool.askable_objects(change) == objects[1:]
+  assert tool.askable_objects(dict(objects=objects[:1], events=change["events"])) == []
+
+
+def test_demo_clip_source_asks_about_an_object_the_clip_shows():
+  """Fresh clips of the demo generator: 16 frames, and the asked object's colour is in them
+  (its pixels reach the saturated colour) in every clip."""
+  from hvlm_jax.config import import_sibling
+  from hvlm_jax.data import synthetic
+  config = import_sibling(os.path.join(os.path.dirname(_PATH), "..", "configs", "demo.py"),
+                          "demo.py").get_config()
+  source = tool.clip_source("demo", config)
+  rng = np.random.default_rng(0)
+  counts = set()
+  for _ in range(12):
+    video, obj, count = source(rng, None)
+    assert video.shape == (16, 64, 64, 3) and video.dtype == np.uint8
+    assert obj["shape"] in synthetic.SHAPES and 1 <= count <= 3
+    target = np.array(synthetic.COLORS[obj["color"]], np.float32)
+    nearest = np.abs(video.astype(np.float32) - target).sum(-1).min()
+    assert nearest < 40, (obj, nearest)
+    counts.add(count)
+  assert len(counts) > 1  # Not only one-object clips.
+  with pytest.raises(SystemExit, match="--clips"):
+    tool.clip_source("nope", config)

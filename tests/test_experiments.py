@@ -80,8 +80,10 @@ def test_variant_changes_only_its_declared_keys(study, variant):
   # A study may rescale the budget of some variants (BUDGET_KEYS), nothing else.
   budget = set(getattr(STUDIES[study], "BUDGET_KEYS", ())) if variant in getattr(
       STUDIES[study], "HALF_BUDGET", ()) else set()
-  assert differing <= set(overrides) | budget
-  for k, v in overrides.items():
+  # Or set keys for all its variants alike (STUDY_OVERRIDES, e.g. another dataset).
+  shared = getattr(STUDIES[study], "STUDY_OVERRIDES", {})
+  assert differing <= set(overrides) | budget | set(shared)
+  for k, v in {**shared, **overrides}.items():
     assert changed[k] == v, k
 
 

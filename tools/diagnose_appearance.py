@@ -174,14 +174,14 @@ def diagnose_run(workdir: str, split: str, probe_clips: int) -> dict:
 
 
 def learnability(stems, patch: int, steps: int, seed: int,
-                 trainer_optimizer: bool = False) -> dict:
+                 trainer_optimizer: bool = False, clips: str = "still") -> dict:
   from hvlm_jax.config import import_sibling
   from hvlm_jax.data import synthetic
 
   base = import_sibling(os.path.join(_ROOT, "configs", "demo.py"), "demo.py").get_config()
   if patch:
     base.model.tubelet_size = (base.model.tubelet_size[0], patch, patch)
-  size, frames = int(base.data.video.frame_size), int(base.data.video.num_frames)
+  source = clip_source(clips, base)
 
   words = ["<pad>", "what", "shape", "is", "the", "object", "?", "color", "there", "a",
            *synthetic.COLORS, *synthetic.SHAPES]
@@ -189,20 +189,15 @@ def learnability(stems, patch: int, steps: int, seed: int,
   # head=qa_mix answers: the shapes, then the colours, then yes / no.
   answers = [*synthetic.SHAPES, *colors, "yes", "no"]
 
-  def sample(rng, n, mix=False):
-    """({"video": (n, T, S, S, 3) uint8, "question": (n, Q, 7) int32}, labels): shape labels
-    (n,) and Q=1, or with `mix` four questions per clip and their answer ids (n, 4)."""
-    clips, labels, questions = [], [], []
-    for _ in range(n):
-      label = int(rng.integers(len(synthetic.SHAPES)))
-      r = size * rng.uniform(0.11, 0.14)
-      x, y = rng.uniform(r + 1, size - r - 1, size=2)
-      obj = dict(shape=synthetic.SHAPES[label], x=x, y=y, r=r,
-                 color=colors[rng.integers(len(colors))])
-      bg = synthetic.background(rng, synthetic.DOMAINS[rng.integers(len(synthetic.DOMAINS))],
-                                size)
-      clip = dict(objects=[obj], events=[], frame_size=size)
-      clips.append(synthetic.render_clip(clip, frames, 12, bg))
+  def sample(rng, n, mix=False, held_out=False):
+    """({"video": (n, T, S, S, 3) uint8, "question": (n, Q, 7) int32}, labels, objects):
+    shape labels (n,) and Q=1, or with `mix` four questions per clip and their answer ids
+    (n, 4); objects (n,): how many objects the clip shows."""
+    videos, labels, questions, counts = [], [], [], []
+    for i in range(n):
+      video, obj, count = source(rng, i if held_out else None)
+      videos.append(video)
+      counts.append(count)
       asked = [(f"what shape is the {obj['color']} object ?", obj["shape"])]
       if mix:  # The demo's other kinds about the same object: colour, presence, absence.
         other = [c for c in colors if c != obj["color"]][rng.integers(len(colors) - 1)]
@@ -212,9 +207,10 @@ def learnability(stems, patch: int, steps: int, seed: int,
                   (f"is there a {other} {absent_shape} ?", "no")]
       questions.append([[words.index(w) for w in q.split()] + [0] * (7 - len(q.split()))
                         for q, _ in asked])
-      labels.append([answers.index(a) for _, a in asked] if mix else label)
-    return (dict(video=np.stack(clips), question=np.array(questions, np.int32)),
-            np.array(labels))
+      labels.append([answers.index(a) for _, a in asked] if mix
+                    else synthetic.SHAPES.index(obj["shape"]))
+    return (dict(video=np.stack(videos), question=np.array(questions, np.int32)),
+            np.array(labels), np.array(counts))
 
   out = {}
   for name in stems:
@@ -225,7 +221,100 @@ def learnability(stems, patch: int, steps: int, seed: int,
     out[name] = _learn_shape(net, functools.partial(sample, mix=mix), base, steps, seed,
                              trainer_optimizer)
   return dict(patch=tuple(base.model.tubelet_size), steps=steps, seed=seed, curves=out,
-              optimizer="trainer" if trainer_optimizer else "adamw")
+              optimizer="trainer" if trainer_optimizer else "adamw", clips=clips)
+
+
+CLIPS = ("still", "demo", "demo_one_object", "demo_no_events", "demo_files")
+
+
+def askable_objects(clip: dict) -> list[dict]:
+  """The objects of a synthetic clip whose shape can be asked (as synthetic.questions: an
+  actor that changes shape has no single shape, so it is left out)."""
+  change = any(e["label"] == "change_shape" for e in clip["events"])
+  return clip["objects"][1:] if change else clip["objects"]
+
+
+def clip_source(kind: str, config):
+  """`source(rng, index) -> (video (T, S, S, 3) uint8, object dict(color, shape), objects in
+  the clip)`: a clip and one of its objects to ask the shape of. `index` is None for a
+  training clip and the held-out clip's number otherwise.
+
+  still: one still object on a random domain background, fresh every call.
+  demo: fresh clips of the demo dataset's generator (1-3 objects, the actor's timed events,
+    4 s at 12 fps, 16 frames sampled uniformly), a random still-shaped object (not an actor
+    that changes shape, as in the demo's questions); rendered frames, no video coding.
+  demo_one_object: the same with one object, the actor, and its events.
+  demo_no_events: the same with 1-3 objects and the actor's events removed (all still).
+  demo_files: the demo's own dataset on disk (config.data.dir): the fixed training videos
+    through the training pipeline (mp4 decoding, random crop, flip, colour jitter), held-out
+    clips from the test split with evaluation preprocessing.
+  """
+  from hvlm_jax.data import synthetic
+
+  size, frames = int(config.data.video.frame_size), int(config.data.video.num_frames)
+  syn = config.data.synthetic
+  colors = list(synthetic.COLORS)
+  if kind == "still":
+    def still(rng, index):
+      r = size * rng.uniform(0.11, 0.14)
+      x, y = rng.uniform(r + 1, size - r - 1, size=2)
+      obj = dict(shape=synthetic.SHAPES[rng.integers(len(synthetic.SHAPES))], x=x, y=y, r=r,
+                 color=colors[rng.integers(len(colors))])
+      bg = synthetic.background(rng, synthetic.DOMAINS[rng.integers(len(synthetic.DOMAINS))],
+                                size)
+      clip = dict(objects=[obj], events=[], frame_size=size)
+      return synthetic.render_clip(clip, frames, 12, bg), obj, 1
+    return still
+
+  if kind in ("demo", "demo_one_object", "demo_no_events"):
+    n, fps = int(syn.num_frames), float(syn.fps)
+    max_objects = 1 if kind == "demo_one_object" else int(syn.max_objects)
+    pick = np.floor((np.arange(frames) + 0.5) * n / frames).astype(int)
+
+    def demo(rng, index):
+      while True:
+        clip = synthetic.sample_clip(rng, frame_size=int(syn.frame_size), duration=n / fps,
+                                     domains=synthetic.DOMAINS, max_objects=max_objects)
+        if kind == "demo_no_events":
+          clip["events"] = []
+        stable = askable_objects(clip)
+        if stable:
+          break
+      bg = synthetic.background(rng, clip["domain"], int(syn.frame_size))
+      video = synthetic.render_clip(clip, n, fps, bg)[pick]
+      return video, stable[rng.integers(len(stable))], len(clip["objects"])
+    return demo
+
+  if kind != "demo_files":
+    raise SystemExit(f"--clips={kind!r} is not one of {', '.join(CLIPS)}.")
+  from hvlm_jax.data import annotations, pipeline
+
+  config.data.dir = os.path.join(_ROOT, config.data.dir)
+  synthetic.ensure_dataset(config, progress=True)
+  settings = synthetic.settings_from_config(config)
+  splits, readers, contents = {}, {}, {}
+  for split in ("training", "test"):
+    splits[split] = annotations.load_split(config, split)
+    readers[split] = pipeline.ClipReader(config, splits[split])
+    code = synthetic.SPLITS.index(split)
+    contents[split] = [  # make_example draws the content first from this generator.
+        synthetic.sample_clip(np.random.default_rng([settings["seed"], code, int(
+            e.video_id.rsplit("_", 1)[1])]), frame_size=settings["frame_size"],
+            duration=settings["num_frames"] / settings["fps"], domains=settings["domains"],
+            max_objects=settings["max_objects"]) for e in splits[split].entries]
+
+  def files(rng, index):
+    split = "training" if index is None else "test"
+    entries = splits[split].entries
+    while True:
+      j = int(rng.integers(len(entries))) if index is None else index % len(entries)
+      stable = askable_objects(contents[split][j])
+      if stable:
+        break
+      index = None if index is None else index + 1
+    clip, _ = readers[split].read(entries[j], rng if index is None else None)
+    return clip["video"], stable[rng.integers(len(stable))], len(contents[split][j]["objects"])
+  return files
 
 
 def parse_stem_entry(name: str, cfg) -> tuple[str, str]:
@@ -299,7 +388,7 @@ def _learn_shape(net, sample, config, steps: int, seed: int,
   from hvlm_jax.train import state as state_lib
 
   rng = np.random.default_rng(seed)
-  held_x, held_y = sample(rng, 96)
+  held_x, held_y, held_n = sample(rng, 96, held_out=True)
   params = net.init(jax.random.key(seed), jax.tree.map(lambda a: a[:2], held_x))
   training = config.training
   if trainer_optimizer:  # The trainer's: global-norm clipping, masked decay, its schedule.
@@ -319,16 +408,18 @@ def _learn_shape(net, sample, config, steps: int, seed: int,
     updates, state = opt.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
-  def accuracy(params, x, y):  # Of the shape question (the first, with several per clip).
+  def correct(params, x, y):  # Of the shape question (the first, with several per clip).
     pred = net.apply(params, x).argmax(-1)
-    return (pred[:, 0] == y[:, 0]).mean() if y.ndim == 2 else (pred == y).mean()
+    return pred[:, 0] == y[:, 0] if y.ndim == 2 else pred == y
 
-  accuracy = jax.jit(accuracy)
+  correct = jax.jit(correct)
   curve = []
   for i in range(1, steps + 1):
-    params, state = step(params, state, *sample(rng, 16))
+    params, state = step(params, state, *sample(rng, 16)[:2])
     if i % 150 == 0 or i == steps:
-      curve.append(dict(step=i, held_out_accuracy=float(accuracy(params, held_x, held_y))))
+      right = np.asarray(correct(params, held_x, held_y))
+      curve.append(dict(step=i, held_out_accuracy=float(right.mean()), by_objects={
+          int(k): float(right[held_n == k].mean()) for k in np.unique(held_n)}))
       print(curve[-1], flush=True)
   return curve
 
@@ -355,16 +446,25 @@ def write(result: dict, out: str) -> None:
     lines += [f"| {k} | {v['shape']:.2f} | {v['colour']:.2f} |"
               for k, v in pr["features"].items()]
   if "curves" in result:
-    lines += [f"Shape learnability, patch {result['patch']}, seed {result['seed']} "
-              "(held-out accuracy of 96 clips; chance 0.33):", "",
+    lines += [f"Shape learnability, patch {result['patch']}, seed {result['seed']}, clips "
+              f"{result.get('clips', 'still')} (held-out accuracy of 96 clips; chance 0.33; "
+              "by objects in the clip: accuracy 1/2/3 where given):", "",
               "| step | " + " | ".join(result["curves"]) + " |",
               "|---|" + "---|" * len(result["curves"])]
     for i, row in enumerate(next(iter(result["curves"].values()))):
       lines.append(f"| {row['step']} | " + " | ".join(
-          f"{c[i]['held_out_accuracy']:.2f}" for c in result["curves"].values()) + " |")
+          _accuracy_cell(c[i]) for c in result["curves"].values()) + " |")
   with open(os.path.join(out, "results.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))
+
+
+def _accuracy_cell(row: dict) -> str:
+  cell = f"{row['held_out_accuracy']:.2f}"
+  by = row.get("by_objects", {})
+  if len(by) > 1:
+    cell += " (" + "/".join(f"{by[k]:.2f}" for k in sorted(by, key=int)) + ")"
+  return cell
 
 
 def define_flags() -> None:
@@ -383,6 +483,9 @@ def define_flags() -> None:
   flags.DEFINE_bool("trainer_optimizer", False,
                     "Bench: the trainer's optimizer for the demo config (gradient clipping, "
                     "decay mask, its schedule) instead of plain AdamW.")
+  flags.DEFINE_enum("clips", "still", list(CLIPS),
+                    "Bench: the clips (see clip_source): one still object, fresh clips of the "
+                    "demo's generator, or the demo's dataset files through its pipeline.")
   flags.DEFINE_integer("steps", 900, "Bench: training steps.")
   flags.DEFINE_integer("seed", 0, "Bench: seed of the clips and the initialisation.")
   flags.DEFINE_string("out", "benchmarks/appearance", "Output folder.")
@@ -392,7 +495,7 @@ def main(argv):
   del argv
   f = flags.FLAGS
   if f.learnability:
-    result = learnability(f.stems, f.patch, f.steps, f.seed, f.trainer_optimizer)
+    result = learnability(f.stems, f.patch, f.steps, f.seed, f.trainer_optimizer, f.clips)
   elif f.workdir:
     result = diagnose_run(os.path.abspath(f.workdir), f.split, f.probe_clips)
   else:
