@@ -51,13 +51,17 @@ def test_linear_probe_finds_a_linear_class_and_not_noise():
 def test_stem_entry_sets_model_keys_and_names_a_bad_one():
   import ml_collections
   cfg = ml_collections.ConfigDict(dict(stem="patch", stem_depth=1, motion_input=("difference",),
-                                       attention=dict(type="full")))
+                                       attention=dict(type="full"),
+                                       heads=dict(qa=dict(num_layers=2))))
   assert tool.parse_stem_entry("hybrid:stem_depth=2:motion_input=flow+difference:head=qa",
                                cfg) == ("hybrid", "qa")
   assert (cfg.stem, cfg.stem_depth, cfg.motion_input) == ("hybrid", 2, ("flow", "difference"))
   tool.parse_stem_entry("conv:motion_input=", cfg)
   assert cfg.motion_input == ()
-  for bad in ("conv:stem_dpth=2", "conv:attention=full", "cnn_gn:stem_depth=2"):
+  tool.parse_stem_entry("conv:heads.qa.num_layers=4", cfg)
+  assert cfg.heads.qa.num_layers == 4
+  for bad in ("conv:stem_dpth=2", "conv:attention=full", "cnn_gn:stem_depth=2",
+              "conv:heads.qa=3", "conv:heads.qb.num_layers=1", "conv:stem.x=1"):
     with pytest.raises(SystemExit, match="--stems entry"):
       tool.parse_stem_entry(bad, cfg)
 

@@ -181,7 +181,7 @@ def learnability(stems, patch: int, steps: int, seed: int,
   base = import_sibling(os.path.join(_ROOT, "configs", "demo.py"), "demo.py").get_config()
   if patch:
     base.model.tubelet_size = (base.model.tubelet_size[0], patch, patch)
-  source = clip_source(clips, base)
+  source = clip_source(clips, base, switch=steps // 2 * 16)  # 16 clips a step.
 
   words = ["<pad>", "what", "shape", "is", "the", "object", "?", "color", "there", "a",
            *synthetic.COLORS, *synthetic.SHAPES]
@@ -224,7 +224,8 @@ def learnability(stems, patch: int, steps: int, seed: int,
               optimizer="trainer" if trainer_optimizer else "adamw", clips=clips)
 
 
-CLIPS = ("still", "demo", "demo_one_object", "demo_no_events", "demo_files")
+CLIPS = ("still", "demo", "demo_one_object", "demo_no_events", "demo_curriculum",
+         "demo_files")
 
 
 def askable_objects(clip: dict) -> list[dict]:
@@ -234,7 +235,7 @@ def askable_objects(clip: dict) -> list[dict]:
   return clip["objects"][1:] if change else clip["objects"]
 
 
-def clip_source(kind: str, config):
+def clip_source(kind: str, config, switch: int = 0):
   """`source(rng, index) -> (video (T, S, S, 3) uint8, object dict(color, shape), objects in
   the clip)`: a clip and one of its objects to ask the shape of. `index` is None for a
   training clip and the held-out clip's number otherwise.
@@ -245,6 +246,7 @@ def clip_source(kind: str, config):
     that changes shape, as in the demo's questions); rendered frames, no video coding.
   demo_one_object: the same with one object, the actor, and its events.
   demo_no_events: the same with 1-3 objects and the actor's events removed (all still).
+  demo_curriculum: demo_one_object for the first `switch` training clips, then demo.
   demo_files: the demo's own dataset on disk (config.data.dir): the fixed training videos
     through the training pipeline (mp4 decoding, random crop, flip, colour jitter), held-out
     clips from the test split with evaluation preprocessing.
@@ -266,12 +268,16 @@ def clip_source(kind: str, config):
       return synthetic.render_clip(clip, frames, 12, bg), obj, 1
     return still
 
-  if kind in ("demo", "demo_one_object", "demo_no_events"):
+  if kind in ("demo", "demo_one_object", "demo_no_events", "demo_curriculum"):
     n, fps = int(syn.num_frames), float(syn.fps)
-    max_objects = 1 if kind == "demo_one_object" else int(syn.max_objects)
+    drawn = [0]  # Training clips so far (demo_curriculum).
     pick = np.floor((np.arange(frames) + 0.5) * n / frames).astype(int)
 
     def demo(rng, index):
+      one = kind == "demo_one_object" or (
+          kind == "demo_curriculum" and index is None and drawn[0] < switch)
+      max_objects = 1 if one else int(syn.max_objects)
+      drawn[0] += index is None
       while True:
         clip = synthetic.sample_clip(rng, frame_size=int(syn.frame_size), duration=n / fps,
                                      domains=synthetic.DOMAINS, max_objects=max_objects)
@@ -332,12 +338,18 @@ def parse_stem_entry(name: str, cfg) -> tuple[str, str]:
       key, _, value = item.partition("=")
       if key == "head":
         head = value
-      elif key not in cfg or isinstance(cfg[key], (dict, ml_collections.ConfigDict)):
+        continue
+      *path, leaf = key.split(".")  # Dotted keys reach nested ones (heads.qa.num_layers).
+      node = cfg
+      for part in path:
+        node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+      if (not isinstance(node, ml_collections.ConfigDict) or leaf not in node
+          or isinstance(node[leaf], (dict, ml_collections.ConfigDict))):
         raise SystemExit(f"--stems entry {name!r}: {key!r} is not a config.model key.")
-      elif isinstance(cfg[key], tuple):  # e.g. motion_input=difference+flow, or empty
-        cfg[key] = tuple(x for x in value.split("+") if x)
+      if isinstance(node[leaf], tuple):  # e.g. motion_input=difference+flow, or empty
+        node[leaf] = tuple(x for x in value.split("+") if x)
       else:
-        cfg[key] = type(cfg[key])(value)
+        node[leaf] = type(node[leaf])(value)
   return stem, head
 
 
