@@ -212,7 +212,9 @@ def get_config(arg=None):
       num_layers=2, kernel_size=3, loss="focal", focal_alpha=0.25, focal_gamma=2.0,
       regression_loss="diou", regression_weight=1.0, smoothing_window=3, nms_threshold=0.5,
       pre_nms_top_k=200, max_detections=20, min_score=1e-3))
-  heads.qa = ml_collections.ConfigDict(dict(num_layers=2))
+  # pool_video: the answer MLP also sees the mean of all video tokens, not only what the
+  # question's cross-attention picked out (see benchmarks/appearance, fourth round).
+  heads.qa = ml_collections.ConfigDict(dict(num_layers=2, pool_video=True))
   heads.captioning = ml_collections.ConfigDict(dict(
       num_layers=2, label_smoothing=0.1, beam_size=3, length_penalty=0.6, max_length=24))
 

@@ -363,3 +363,25 @@ def test_grid_positions_pool_knows_where_an_object_is():
   np.testing.assert_allclose(plain[0], plain[1], rtol=1e-5, atol=1e-6)
   placed = pool.apply(params, grids, positions=jnp.asarray(pos))
   assert float(jnp.abs(placed[0] - placed[1]).max()) > 1e-3
+
+
+def test_qa_head_pool_video_switch_decides_whether_the_mean_video_token_reaches_the_answer():
+  """With no cross-attention layer the answer can see the video only through the mean video
+  token: with pool_video=False it must not depend on the video at all, with True it must."""
+  q = jnp.array([[[5, 6, 7, 0], [8, 9, 0, 0]]])
+  memory = jax.random.normal(jax.random.key(2), (1, 6, 16))
+  other = jax.random.normal(jax.random.key(3), (1, 6, 16))
+  for pool, depends in ((True, True), (False, False)):
+    head = heads.QAHead(num_answers=4, vocab_size=12, hidden_size=16, num_layers=0,
+                        num_heads=2, mlp_dim=32, pool_video=pool)
+    params = nn.meta.unbox(head.init(jax.random.key(0), q, memory))["params"]
+    assert ("ln_video" in params) == pool
+    assert params["mlp"]["kernel"].shape == ((32 if pool else 16), 32)
+    diff = float(jnp.abs(head.apply({"params": params}, q, memory)
+                         - head.apply({"params": params}, q, other)).max())
+    assert (diff > 1e-4) == depends, (pool, diff)
+  # With cross-attention and pool_video=False the answer still reads the video.
+  head = heads.QAHead(num_answers=4, vocab_size=12, hidden_size=16, num_layers=1, num_heads=2,
+                      mlp_dim=32, pool_video=False)
+  params = head.init(jax.random.key(0), q, memory)
+  assert float(jnp.abs(head.apply(params, q, memory) - head.apply(params, q, other)).max()) > 1e-4

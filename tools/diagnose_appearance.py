@@ -348,6 +348,10 @@ def parse_stem_entry(name: str, cfg) -> tuple[str, str]:
         raise SystemExit(f"--stems entry {name!r}: {key!r} is not a config.model key.")
       if isinstance(node[leaf], tuple):  # e.g. motion_input=difference+flow, or empty
         node[leaf] = tuple(x for x in value.split("+") if x)
+      elif isinstance(node[leaf], bool):
+        if value.lower() not in ("true", "false"):
+          raise SystemExit(f"--stems entry {name!r}: {key} is true or false, not {value!r}.")
+        node[leaf] = value.lower() == "true"
       else:
         node[leaf] = type(node[leaf])(value)
   return stem, head
@@ -382,6 +386,7 @@ def _classifier(stem: str, model_config, head: str = "linear", vocab_size: int =
         logits = heads_lib.QAHead(
             num_answers or len(synthetic.SHAPES), vocab_size,
             hidden_size=model_config.hidden_size, num_layers=model_config.heads.qa.num_layers,
+            pool_video=model_config.heads.qa.get("pool_video", True),
             num_heads=model_lib.text_heads(model_config),
             mlp_dim=model_config.heads.text.mlp_dim or model_config.mlp_dim)(
                 inputs["question"], tokens)

@@ -281,7 +281,8 @@ class HierarchicalVLM(nn.Module):
         kernel_size=h.detection.kernel_size, dropout_rate=cfg.dropout_rate, **kw)
         if "action_detection" in tasks else None)
     self.qa_head = (heads_lib.QAHead(h.num_answers, h.vocab_size, num_layers=h.qa.num_layers,
-                                     **text) if "video_qa" in tasks else None)
+                                     pool_video=h.qa.get("pool_video", True), **text)
+                    if "video_qa" in tasks else None)
     self.caption_head = (heads_lib.CaptionDecoder(h.vocab_size, num_layers=h.captioning.num_layers,
                                                   **text) if "captioning" in tasks else None)
 

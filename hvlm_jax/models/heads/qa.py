@@ -32,6 +32,7 @@ class QAHead(nn.Module):
   vocab_size: int
   hidden_size: int
   num_layers: int = 2
+  pool_video: bool = True  # Concatenate the mean video token to each question's output.
   num_heads: int = 4
   mlp_dim: int = 512
   dropout_rate: float = 0.0
@@ -57,12 +58,14 @@ class QAHead(nn.Module):
                     name=f"layer_{i}", **kw)(x, self_mask, memory, memory_mask, memory_bias,
                                              deterministic=deterministic)
     x = layer_norm("ln_final", **kw)(x)
-    pooled_q = masked_mean(x.reshape(b, q, lq, d), real.reshape(b, q, lq), axis=2)
-    vw = jnp.ones(memory.shape[:2]) if memory_mask is None else memory_mask.astype(jnp.float32)
-    if memory_bias is not None:
-      vw = vw * jnp.exp(memory_bias.astype(jnp.float32))  # size-weighted: the grid mean
-    pooled_v = layer_norm("ln_video", **kw)(masked_mean(memory, vw, axis=1))
-    h = jnp.concatenate([pooled_q, jnp.broadcast_to(pooled_v[:, None], pooled_q.shape)], -1)
+    h = masked_mean(x.reshape(b, q, lq, d), real.reshape(b, q, lq), axis=2)
+    if self.pool_video:
+      vw = (jnp.ones(memory.shape[:2]) if memory_mask is None
+            else memory_mask.astype(jnp.float32))
+      if memory_bias is not None:
+        vw = vw * jnp.exp(memory_bias.astype(jnp.float32))  # size-weighted: the grid mean
+      pooled_v = layer_norm("ln_video", **kw)(masked_mean(memory, vw, axis=1))
+      h = jnp.concatenate([h, jnp.broadcast_to(pooled_v[:, None], h.shape)], -1)
     h = nn.gelu(dense(self.mlp_dim, ("embed", "mlp"), name="mlp", **kw)(h))
     h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
     return dense(self.num_answers, ("mlp", "vocab"), name="answers", dtype=jnp.float32,
