@@ -4,8 +4,9 @@
         --data_dir=data/synthetic_camera_study
 
 The synthetic clips are filmed with real-footage properties (hvlm_jax/data/footage.py): the
-camera pans 1 px per frame to the right over a textured world, with 1% sensor noise, so
-every background token moves in the frame. Merging at ratio 0.5 in every variant; only what
+camera pans 0.25 px per frame to the right over a textured world (12 px over a 4 s clip,
+0.75 px between the 16 frames the model sees, so objects stay in view), with 1% sensor
+noise, so every background token moves in the frame. Merging at ratio 0.5 in every variant; only what
 the merge protects differs: `similarity` (ToMe, no importance), `motion` (optical flow
 relative to each frame pair's fitted camera motion, the default) and `motion_absolute`
 (the same flow without camera compensation, so the panning background looks as important as
@@ -18,7 +19,7 @@ from hvlm_jax.config import import_sibling
 common = import_sibling(__file__, "common.py")
 
 # Every variant: the footage, and a dataset directory of its own.
-STUDY_OVERRIDES = {"data.synthetic.footage.pan": (1.0, 0.0),
+STUDY_OVERRIDES = {"data.synthetic.footage.pan": (0.25, 0.0),
                    "data.synthetic.footage.texture": 28.0,
                    "data.synthetic.footage.noise": 0.01,
                    "data.dir": "data/synthetic_camera_study"}
