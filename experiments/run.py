@@ -260,21 +260,33 @@ def aggregate(rows) -> list[dict]:
                                       trainable=r.get("trainable", ""), runs=[]))["runs"].append(r)
   for a in out.values():
     a["n"], a["seeds"] = len(a["runs"]), sorted(r.get("seed", 0) for r in a["runs"])
-    for k in METRIC_KEYS:
+    domain_keys = sorted({k for r in a["runs"] for k in r if "/" in k})  # "general/qa_..."
+    for k in METRIC_KEYS + tuple(domain_keys):
       values = np.asarray([r[k] for r in a["runs"] if r.get(k) is not None], float)
       a[k] = ((float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else np.nan)
               if len(values) else (np.nan, np.nan))
   return list(out.values())
 
 
-def significant_differences(groups: list[dict]) -> list[str]:
+def domain_columns(rows) -> list[tuple[str, str, str]]:
+  """(domain, metric key, title) of the per-domain table: mAP@0.5, QA and CIDEr per domain."""
+  domains = sorted({k.split("/")[0] for r in rows for k in r if "/" in k})
+  return [(d, k, h) for d in domains for k, h in HEADLINE[:1] + HEADLINE[2:4]]
+
+
+def significant_differences(groups: list[dict], columns=()) -> list[str]:
   """Each variant against the first: the metrics whose mean differs by more than two standard
-  errors of the difference (Welch: sqrt(s1^2 / n1 + s2^2 / n2)), as sentences."""
+  errors of the difference (Welch: sqrt(s1^2 / n1 + s2^2 / n2)), as sentences; `columns`
+  (domain_columns) adds the per-domain metrics."""
   if len(groups) < 2:
     return []
   base, lines = groups[0], []
+  metrics = [("test_loss", "test loss")] + list(HEADLINE) + [
+      (f"{d}/{k}", f"{d} {h}") for d, k, h in columns]
   for g in groups[1:]:
-    for k, h in [("test_loss", "test loss")] + list(HEADLINE):
+    for k, h in metrics:
+      if k not in base or k not in g:
+        continue
       (m1, s1), (m2, s2) = base[k], g[k]
       if min(base["n"], g["n"]) < 2 or np.isnan([m1, m2, s1, s2]).any():
         continue
@@ -296,7 +308,7 @@ def markdown(meta, rows, per_domain: bool) -> str:
   b = meta["budget"]
   groups = aggregate(rows)
   if any(g["n"] > 1 for g in groups):
-    return markdown_seeds(meta, rows, groups)
+    return markdown_seeds(meta, rows, groups, per_domain)
   baseline = [r["qa_majority_baseline"] for r in rows if "qa_majority_baseline" in r]
   lines = [
       f"# Study: {meta['study']}", "", meta["description"], "",
@@ -321,8 +333,7 @@ def markdown(meta, rows, per_domain: bool) -> str:
         f"{_f(r['test_loss'])} | " + " | ".join(_f(r.get(k)) for k, _ in HEADLINE) +
         f" | {_f(r['train_clips_per_s'], 2)} | {_f(r['train_minutes'], 1)} |")
   if per_domain:
-    domains = sorted({k.split("/")[0] for r in rows for k in r if "/" in k})
-    cols = [(d, k, h) for d in domains for k, h in HEADLINE[:1] + HEADLINE[2:4]]
+    cols = domain_columns(rows)
     lines += ["", "Per domain (test split):", "",
               "| variant | " + " | ".join(f"{d} {h}" for d, _, h in cols) + " |",
               "|---" * (1 + len(cols)) + "|"]
@@ -335,9 +346,9 @@ def markdown(meta, rows, per_domain: bool) -> str:
   return "\n".join(lines)
 
 
-def markdown_seeds(meta, rows, groups) -> str:
-  """The table with several seeds: mean ± std per metric, and the differences that exceed
-  two standard errors."""
+def markdown_seeds(meta, rows, groups, per_domain: bool = False) -> str:
+  """The table with several seeds: mean ± std per metric (and per domain with `per_domain`),
+  and the differences that exceed two standard errors."""
   b = meta["budget"]
   seeds = sorted({r.get("seed", 0) for r in rows})
   lines = [
@@ -358,7 +369,14 @@ def markdown_seeds(meta, rows, groups) -> str:
   for r in failed:
     lines.append(f"| {r['variant']} | {r['changes']} | seed {r.get('seed', 0)}: "
                  f"{r['status']} |" + " |" * (2 + len(HEADLINE)))
-  diffs = significant_differences(groups)
+  cols = domain_columns(rows) if per_domain else []
+  if cols:
+    lines += ["", f"Per domain ({b['split']} split), mean ± sample std:", "",
+              "| variant | " + " | ".join(f"{d} {h}" for d, _, h in cols) + " |",
+              "|---" * (1 + len(cols)) + "|"]
+    lines += [f"| {g['variant']} | " + " | ".join(_pm(g.get(f"{d}/{k}", (np.nan, np.nan)))
+                                                  for d, k, _ in cols) + " |" for g in groups]
+  diffs = significant_differences(groups, cols)
   lines += ["", f"Differences from {groups[0]['variant']} larger than two standard errors: " +
             ("; ".join(diffs) + "." if diffs else "none (every difference is within noise at "
              "this number of seeds)."), ""]

@@ -175,3 +175,24 @@ def test_seed_table_reports_mean_std_and_differences_beyond_two_standard_errors(
   text = run.markdown(meta, rows, False)
   assert "| a | a | 3 | 1.000 ± 0.000 | 2.000 ± 0.000 |" in text
   assert "0.520 ± 0.020" in text and "b vs a: QA acc +0.200" in text
+
+
+def test_seed_table_has_a_per_domain_table_and_tests_its_differences():
+  meta = dict(study="s", description="d", budget=dict(steps=150, layers=2, batch_size=16,
+                                                      split="test"),
+              width=128, heads=4, mlp=256, frames=16, frame_size=64, learning_rate=1e-3,
+              seed=0, dataset="synthetic", commit="abc", device="cpu", command="c")
+
+  def row(variant, seed, new_map):
+    return {"variant": variant, "seed": seed, "changes": variant, "status": "ok",
+            "trainable": "1", "train_loss": 1.0, "test_loss": 2.0, "qa_accuracy": 0.5,
+            "general/action_mAP_0.5": new_map, "sports/action_mAP_0.5": 0.3}
+  rows = [row("a", s, m) for s, m in enumerate((0.30, 0.32, 0.34))] + [
+      row("b", s, m) for s, m in enumerate((0.50, 0.52, 0.54))]
+  text = run.markdown(meta, rows, True)
+  assert "| variant | general mAP@0.5 | general QA acc | general CIDEr | sports mAP@0.5 |" in text
+  assert "| b | 0.520 ± 0.020 | - | - | 0.300 ± 0.000 |" in text
+  assert "b vs a: general mAP@0.5 +0.200" in text
+  assert "sports mAP@0.5" not in text.split("larger than two standard errors")[1]
+  # Without PER_DOMAIN the seed table stays as it was.
+  assert "general mAP@0.5" not in run.markdown(meta, rows, False)
