@@ -489,10 +489,10 @@ def enable_compilation_cache(config=None) -> str | None:
   """
   setting = str(config.get("compilation_cache", "default") if config is not None
                 else "default").strip()
-  if setting.lower() in ("", "off", "none", "false"):
-    return None
   if setting == "default":
-    setting = os.environ.get("HVLM_COMPILATION_CACHE", DEFAULT_CACHE_DIR)
+    setting = os.environ.get("HVLM_COMPILATION_CACHE", DEFAULT_CACHE_DIR).strip()
+  if setting.lower() in ("", "off", "none", "false"):  # In the config or the environment.
+    return None
   directory = os.path.abspath(os.path.expanduser(setting))
   os.makedirs(directory, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", directory)
