@@ -87,12 +87,16 @@ def test_demo_clip_source_asks_about_an_object_the_clip_shows():
   rng = np.random.default_rng(0)
   counts = set()
   for _ in range(12):
-    video, obj, count = source(rng, None)
+    video, objects, count = source(rng, None)
     assert video.shape == (16, 64, 64, 3) and video.dtype == np.uint8
-    assert obj["shape"] in synthetic.SHAPES and 1 <= count <= 3
-    target = np.array(synthetic.COLORS[obj["color"]], np.float32)
-    nearest = np.abs(video.astype(np.float32) - target).sum(-1).min()
-    assert nearest < 40, (obj, nearest)
+    assert 1 <= len(objects) <= count <= 3
+    assert len({o["color"] for o in objects}) == len({o["shape"] for o in objects}) == len(
+        objects)
+    for obj in objects:
+      assert obj["shape"] in synthetic.SHAPES
+      target = np.array(synthetic.COLORS[obj["color"]], np.float32)
+      nearest = np.abs(video.astype(np.float32) - target).sum(-1).min()
+      assert nearest < 40, (obj, nearest)
     counts.add(count)
   assert len(counts) > 1  # Not only one-object clips.
   with pytest.raises(SystemExit, match="--clips"):

@@ -18,7 +18,8 @@ With --workdir (a run trained on `data.name="synthetic"`):
      A probe below the fresh encoder's means training removed what the random features held.
 With --learnability: the demo encoder (its config, --stems, optionally --patch) plus a mean
 pool and a linear layer (or, with STEM:head=qa, the demo's QA head asked "what shape is the
-<colour> object ?"; with STEM:head=qa_mix, that and three more questions about the same
+<colour> object ?"; with STEM:head=qa_all, that about every object of the clip (1-3 questions,
+the first scored); with STEM:head=qa_mix, that and three more questions about the same
 object, its colour, its presence and an absent one, all in the loss, shape scored) trained
 directly to name the shape of one still object on a random domain background (fresh clips
 every step, batch 16, AdamW with the demo's learning rate and a cosine schedule over --steps,
@@ -189,16 +190,23 @@ def learnability(stems, patch: int, steps: int, seed: int,
   # head=qa_mix answers: the shapes, then the colours, then yes / no.
   answers = [*synthetic.SHAPES, *colors, "yes", "no"]
 
-  def sample(rng, n, mix=False, held_out=False):
+  def sample(rng, n, mode="qa", held_out=False):
     """({"video": (n, T, S, S, 3) uint8, "question": (n, Q, 7) int32}, labels, objects):
     shape labels (n,) and Q=1, or with `mix` four questions per clip and their answer ids
-    (n, 4); objects (n,): how many objects the clip shows."""
+    (n, 4); with mode qa_all the shape question about each object of the clip (n, 3), -1 for
+    none; objects (n,): how many objects the clip shows."""
+    mix = mode == "qa_mix"
     videos, labels, questions, counts = [], [], [], []
     for i in range(n):
-      video, obj, count = source(rng, i if held_out else None)
+      video, objects, count = source(rng, i if held_out else None)
+      obj = objects[0]
       videos.append(video)
       counts.append(count)
       asked = [(f"what shape is the {obj['color']} object ?", obj["shape"])]
+      if mode == "qa_all":  # The same question about every other object of the clip too.
+        asked += [(f"what shape is the {o['color']} object ?", o["shape"])
+                  for o in objects[1:]]
+        asked += [("", "")] * (MAX_OBJECTS - len(asked))  # Padding: no tokens, no label.
       if mix:  # The demo's other kinds about the same object: colour, presence, absence.
         other = [c for c in colors if c != obj["color"]][rng.integers(len(colors) - 1)]
         absent_shape = synthetic.SHAPES[rng.integers(len(synthetic.SHAPES))]
@@ -207,8 +215,11 @@ def learnability(stems, patch: int, steps: int, seed: int,
                   (f"is there a {other} {absent_shape} ?", "no")]
       questions.append([[words.index(w) for w in q.split()] + [0] * (7 - len(q.split()))
                         for q, _ in asked])
-      labels.append([answers.index(a) for _, a in asked] if mix
-                    else synthetic.SHAPES.index(obj["shape"]))
+      if mode == "qa_all":
+        labels.append([synthetic.SHAPES.index(a) if a else -1 for _, a in asked])
+      else:
+        labels.append([answers.index(a) for _, a in asked] if mix
+                      else synthetic.SHAPES.index(obj["shape"]))
     return (dict(video=np.stack(videos), question=np.array(questions, np.int32)),
             np.array(labels), np.array(counts))
 
@@ -216,14 +227,14 @@ def learnability(stems, patch: int, steps: int, seed: int,
   for name in stems:
     cfg = base.model.copy_and_resolve_references()
     stem, head = parse_stem_entry(name, cfg)
-    mix = head == "qa_mix"
-    net = _classifier(stem, cfg, head, len(words), len(answers) if mix else 0)
-    out[name] = _learn_shape(net, functools.partial(sample, mix=mix), base, steps, seed,
+    net = _classifier(stem, cfg, head, len(words), len(answers) if head == "qa_mix" else 0)
+    out[name] = _learn_shape(net, functools.partial(sample, mode=head), base, steps, seed,
                              trainer_optimizer)
   return dict(patch=tuple(base.model.tubelet_size), steps=steps, seed=seed, curves=out,
               optimizer="trainer" if trainer_optimizer else "adamw", clips=clips)
 
 
+MAX_OBJECTS = 3  # The demo dataset's data.synthetic.max_objects.
 CLIPS = ("still", "demo", "demo_one_object", "demo_no_events", "demo_curriculum",
          "demo_files")
 
@@ -236,8 +247,9 @@ def askable_objects(clip: dict) -> list[dict]:
 
 
 def clip_source(kind: str, config, switch: int = 0):
-  """`source(rng, index) -> (video (T, S, S, 3) uint8, object dict(color, shape), objects in
-  the clip)`: a clip and one of its objects to ask the shape of. `index` is None for a
+  """`source(rng, index) -> (video (T, S, S, 3) uint8, [object dict(color, shape), ...],
+  objects in the clip)`: a clip and its objects whose shape can be asked, the one to score
+  first (drawn at random). `index` is None for a
   training clip and the held-out clip's number otherwise.
 
   still: one still object on a random domain background, fresh every call.
@@ -265,7 +277,7 @@ def clip_source(kind: str, config, switch: int = 0):
       bg = synthetic.background(rng, synthetic.DOMAINS[rng.integers(len(synthetic.DOMAINS))],
                                 size)
       clip = dict(objects=[obj], events=[], frame_size=size)
-      return synthetic.render_clip(clip, frames, 12, bg), obj, 1
+      return synthetic.render_clip(clip, frames, 12, bg), [obj], 1
     return still
 
   if kind in ("demo", "demo_one_object", "demo_no_events", "demo_curriculum"):
@@ -288,7 +300,7 @@ def clip_source(kind: str, config, switch: int = 0):
           break
       bg = synthetic.background(rng, clip["domain"], int(syn.frame_size))
       video = synthetic.render_clip(clip, n, fps, bg)[pick]
-      return video, stable[rng.integers(len(stable))], len(clip["objects"])
+      return video, [stable[j] for j in rng.permutation(len(stable))], len(clip["objects"])
     return demo
 
   if kind != "demo_files":
@@ -319,12 +331,13 @@ def clip_source(kind: str, config, switch: int = 0):
         break
       index = None if index is None else index + 1
     clip, _ = readers[split].read(entries[j], rng if index is None else None)
-    return clip["video"], stable[rng.integers(len(stable))], len(contents[split][j]["objects"])
+    return (clip["video"], [stable[k] for k in rng.permutation(len(stable))],
+            len(contents[split][j]["objects"]))
   return files
 
 
 def parse_stem_entry(name: str, cfg) -> tuple[str, str]:
-  """A --stems entry STEM[:KEY=VALUE...][:head=linear|qa|qa_mix] -> (stem, head); sets each
+  """A --stems entry STEM[:KEY=VALUE...][:head=linear|qa|qa_all|qa_mix] -> (stem, head); sets each
   KEY of config.model `cfg` (a tuple value is written a+b, an empty one KEY=)."""
   import ml_collections
 
@@ -382,7 +395,7 @@ def _classifier(stem: str, model_config, head: str = "linear", vocab_size: int =
             y = nn.gelu(nn.GroupNorm(8)(y) if stem == "cnn_gn" else y)
         return nn.Dense(len(synthetic.SHAPES))(y.mean((1, 2)))
       tokens = model_lib.build_encoder(model_config)(video)["tokens"]
-      if head in ("qa", "qa_mix"):
+      if head in ("qa", "qa_mix", "qa_all"):
         logits = heads_lib.QAHead(
             num_answers or len(synthetic.SHAPES), vocab_size,
             hidden_size=model_config.hidden_size, num_layers=model_config.heads.qa.num_layers,
@@ -390,9 +403,9 @@ def _classifier(stem: str, model_config, head: str = "linear", vocab_size: int =
             num_heads=model_lib.text_heads(model_config),
             mlp_dim=model_config.heads.text.mlp_dim or model_config.mlp_dim)(
                 inputs["question"], tokens)
-        return logits if head == "qa_mix" else logits[:, 0]
+        return logits if head in ("qa_mix", "qa_all") else logits[:, 0]
       if head != "linear":
-        raise SystemExit(f"--stems: head={head!r} is not linear, qa or qa_mix.")
+        raise SystemExit(f"--stems: head={head!r} is not linear, qa, qa_mix or qa_all.")
       return nn.Dense(len(synthetic.SHAPES))(tokens.mean(1))
 
   return Classifier()
@@ -416,8 +429,11 @@ def _learn_shape(net, sample, config, steps: int, seed: int,
         weight_decay=float(training.weight_decay))
   state = opt.init(params)
 
-  def loss_fn(params, x, y):
-    return optax.softmax_cross_entropy_with_integer_labels(net.apply(params, x), y).mean()
+  def loss_fn(params, x, y):  # Labels -1 (qa_all's padding) are left out.
+    ce = optax.softmax_cross_entropy_with_integer_labels(net.apply(params, x),
+                                                         jax.numpy.maximum(y, 0))
+    real = (y >= 0).astype(ce.dtype)
+    return (ce * real).sum() / real.sum()
 
   @jax.jit
   def step(params, state, x, y):
@@ -493,7 +509,7 @@ def define_flags() -> None:
   flags.DEFINE_bool("learnability", False, "Run the shape-learnability bench.")
   flags.DEFINE_list("stems", ["hybrid", "cnn"],
                     "Bench: encoder stems (patch, conv, hybrid; STEM:KEY=VALUE:... also "
-                    "sets config.model keys, and :head=qa or :head=qa_mix puts the QA head on the "
+                    "sets config.model keys, and :head=qa, qa_all or qa_mix puts the QA head on the "
                     "encoder), or cnn / cnn_gn (6 convs, without / with "
                     "GroupNorm).")
   flags.DEFINE_integer("patch", 0, "Bench: spatial patch size (0: the demo's).")
