@@ -249,8 +249,8 @@ def askable_objects(clip: dict) -> list[dict]:
 def clip_source(kind: str, config, switch: int = 0):
   """`source(rng, index) -> (video (T, S, S, 3) uint8, [object dict(color, shape), ...],
   objects in the clip)`: a clip and its objects whose shape can be asked, the one to score
-  first (drawn at random). `index` is None for a
-  training clip and the held-out clip's number otherwise.
+  first (drawn at random). `index` is None for a training clip and the held-out clip's
+  number otherwise.
 
   still: one still object on a random domain background, fresh every call.
   demo: fresh clips of the demo dataset's generator (1-3 objects, the actor's timed events,
@@ -269,11 +269,11 @@ def clip_source(kind: str, config, switch: int = 0):
   syn = config.data.synthetic
   colors = list(synthetic.COLORS)
   if kind == "still":
-    def still(rng, index):
+    def still(rng, index):  # Draws in the order of the first three rounds' bench.
+      shape = synthetic.SHAPES[rng.integers(len(synthetic.SHAPES))]
       r = size * rng.uniform(0.11, 0.14)
       x, y = rng.uniform(r + 1, size - r - 1, size=2)
-      obj = dict(shape=synthetic.SHAPES[rng.integers(len(synthetic.SHAPES))], x=x, y=y, r=r,
-                 color=colors[rng.integers(len(colors))])
+      obj = dict(shape=shape, x=x, y=y, r=r, color=colors[rng.integers(len(colors))])
       bg = synthetic.background(rng, synthetic.DOMAINS[rng.integers(len(synthetic.DOMAINS))],
                                 size)
       clip = dict(objects=[obj], events=[], frame_size=size)
