@@ -212,15 +212,15 @@ def _meta(name, study, budget) -> dict:
   except OSError:
     commit = ""
   m, d = config.model, config.data
+  footage = synthetic.settings_from_config(config).get("footage")  # Only when not the default.
   return dict(study=name, description=(study.__doc__ or "").strip().splitlines()[0],
               command="python experiments/run.py " + " ".join(sys.argv[1:]), commit=commit,
               device=f"{jax.devices()[0].platform} x{jax.device_count()} "
                      f"({platform.machine()}, {os.cpu_count()} cores, shared)",
               budget=budget, width=m.hidden_size, heads=m.num_attention_heads,
               mlp=m.mlp_dim, frames=d.video.num_frames, frame_size=d.video.frame_size,
-              dataset=f"{d.name} {dict(d.synthetic.num_videos)}" + "".join(
-                  f", footage {v}" for k, v in synthetic.settings_from_config(config).items()
-                  if k == "footage"),
+              dataset=f"{d.name} {dict(d.synthetic.num_videos)}" + (
+                  f", footage {footage}" if footage else ""),
               seed=config.seed,
               learning_rate=config.training.learning_rate)
 
