@@ -87,7 +87,8 @@ def test_demo_clip_source_asks_about_an_object_the_clip_shows():
   rng = np.random.default_rng(0)
   counts = set()
   for _ in range(12):
-    video, objects, count = source(rng, None)
+    video, objects, count, maps = source(rng, None)
+    assert maps.shape == video.shape[:3] and set(np.unique(maps)) <= {-1, 0, 1, 2}
     assert video.shape == (16, 64, 64, 3) and video.dtype == np.uint8
     assert 1 <= len(objects) <= count <= 3
     assert len({o["color"] for o in objects}) == len({o["shape"] for o in objects}) == len(
@@ -101,3 +102,22 @@ def test_demo_clip_source_asks_about_an_object_the_clip_shows():
   assert len(counts) > 1  # Not only one-object clips.
   with pytest.raises(SystemExit, match="--clips"):
     tool.clip_source("nope", config)
+
+
+def test_token_labels_name_the_shape_on_most_of_a_token_and_background_below_a_tenth():
+  maps = np.full((4, 8, 8), -1, np.int8)  # Tubelets (2, 4, 4): 2 x 2 x 2 tokens of 32 pixels.
+  maps[0:2, 0:4, 0:4] = 1              # Token (0, 0, 0): all square.
+  maps[0, 0:4, 4:8] = 0                # Token (0, 0, 1): 16 circle pixels ...
+  maps[1, 0:2, 4:8] = 2                # ... and 8 triangle: circle.
+  maps[2, 4, 4:7] = 2                  # Token (1, 1, 1): 3 of 32 pixels (< a tenth).
+  maps[3, 4:8, 0] = 0                  # Token (1, 1, 0): 4 of 32 pixels (a tenth or more).
+  labels = tool.token_shape_labels(maps, (2, 4, 4))
+  bg = tool.BACKGROUND
+  np.testing.assert_array_equal(labels, [1, 0, bg, bg, bg, bg, 0, bg])
+
+
+def test_bench_options_take_out_shape_aux_only():
+  assert tool.bench_options("hybrid:head=qa:shape_aux=0.5") == ("hybrid:head=qa", 0.5)
+  assert tool.bench_options("hybrid:stem_depth=2") == ("hybrid:stem_depth=2", 0.0)
+  with pytest.raises(SystemExit, match="shape_aux"):
+    tool.bench_options("hybrid:shape_aux=lots")

@@ -106,6 +106,31 @@ def test_answers_and_caption_follow_from_the_content(index):
     assert f"a {o['color']} {o['shape']}" in cap
 
 
+@pytest.mark.parametrize("index", range(6))
+def test_shape_maps_mark_each_object_where_its_colour_is(index):
+  """shape_maps against the rendered pixels: where an object's colour shows, the map holds its
+  shape (the actor's frames mid-event of opacity or shape are left out), and nowhere else."""
+  ex = synthetic.make_example(3, "training", index, SETTINGS)
+  clip, frames = ex["clip"], ex["frames"]
+  maps = synthetic.shape_maps(clip, len(frames), SETTINGS["fps"])
+  assert maps.shape == frames.shape[:3] and maps.dtype == np.int8
+  for i in range(len(frames)):
+    _, _, _, alpha, mix, target = synthetic.actor_pose(clip, i / SETTINGS["fps"])
+    for j, o in enumerate(clip["objects"]):
+      shape = o["shape"]
+      if j == 0:
+        if alpha not in (0.0, 1.0) or mix not in (0.0, 1.0):
+          continue
+        shape = target if mix == 1.0 else shape
+      seen = colour_mask(frames[i], o["color"])
+      marked = maps[i] == synthetic.SHAPES.index(shape)
+      if seen.sum() < 20:  # Not (yet) visible: nothing marked with its shape.
+        assert marked.sum() < 20
+        continue
+      iou = (seen & marked).sum() / (seen | marked).sum()
+      assert iou > 0.75, (index, i, o, iou)  # Small shapes: the anti-aliased rim counts.
+
+
 def test_ensure_dataset_reuses_refuses_and_never_leaves_temp_dirs():
   parent = tmp_dir("ensure")
   config = tiny_config(os.path.join(parent, "syn"))

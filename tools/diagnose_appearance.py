@@ -25,7 +25,10 @@ directly to name the shape of one still object on a random domain background (fr
 every step, batch 16, AdamW with the demo's learning rate and a cosine schedule over --steps,
 or with --trainer_optimizer the trainer's own optimizer for the demo config); held-out
 accuracy on 96 clips every 150 steps; a small plain CNN (3 stages of two 3x3 convolutions,
-GELU, global mean; cnn_gn: GroupNorm after each) as the reference.
+GELU, global mean; cnn_gn: GroupNorm after each) as the reference. STEM:...:shape_aux=W adds
+a dense auxiliary loss (weight W): a linear layer on every encoder token names the shape drawn
+on it, or background (token_shape_labels), and its accuracy on the tokens that show a shape is
+reported; it tests whether tokens that carry shape let the QA head bind colour to shape.
 Writes <out>/results.json and results.md.
 """
 from __future__ import annotations
@@ -190,18 +193,21 @@ def learnability(stems, patch: int, steps: int, seed: int,
   # head=qa_mix answers: the shapes, then the colours, then yes / no.
   answers = [*synthetic.SHAPES, *colors, "yes", "no"]
 
-  def sample(rng, n, mode="qa", held_out=False):
+  def sample(rng, n, mode="qa", held_out=False, aux=False):
     """({"video": (n, T, S, S, 3) uint8, "question": (n, Q, 7) int32}, labels, objects):
     shape labels (n,) and Q=1, or with `mix` four questions per clip and their answer ids
     (n, 4); with mode qa_all the shape question about each object of the clip (n, 3), -1 for
-    none; objects (n,): how many objects the clip shows."""
+    none; objects (n,): how many objects the clip shows. With `aux`, labels is a pair: those
+    and each token's shape (n, N) (token_shape_labels)."""
     mix = mode == "qa_mix"
-    videos, labels, questions, counts = [], [], [], []
+    videos, labels, questions, counts, token_labels = [], [], [], [], []
     for i in range(n):
-      video, objects, count = source(rng, i if held_out else None)
+      video, objects, count, maps = source(rng, i if held_out else None)
       obj = objects[0]
       videos.append(video)
       counts.append(count)
+      if aux:
+        token_labels.append(token_shape_labels(maps, base.model.tubelet_size))
       asked = [(f"what shape is the {obj['color']} object ?", obj["shape"])]
       if mode == "qa_all":  # The same question about every other object of the clip too.
         asked += [(f"what shape is the {o['color']} object ?", o["shape"])
@@ -220,21 +226,57 @@ def learnability(stems, patch: int, steps: int, seed: int,
       else:
         labels.append([answers.index(a) for _, a in asked] if mix
                       else synthetic.SHAPES.index(obj["shape"]))
+    labels = np.array(labels)
     return (dict(video=np.stack(videos), question=np.array(questions, np.int32)),
-            np.array(labels), np.array(counts))
+            (labels, np.stack(token_labels)) if aux else labels, np.array(counts))
 
   out = {}
   for name in stems:
     cfg = base.model.copy_and_resolve_references()
-    stem, head = parse_stem_entry(name, cfg)
-    net = _classifier(stem, cfg, head, len(words), len(answers) if head == "qa_mix" else 0)
-    out[name] = _learn_shape(net, functools.partial(sample, mode=head), base, steps, seed,
-                             trainer_optimizer)
+    entry, aux = bench_options(name)
+    stem, head = parse_stem_entry(entry, cfg)
+    if aux and clips == "demo_files":
+      raise SystemExit(f"--stems entry {name!r}: shape_aux needs clips whose shape maps are "
+                       "known; --clips=demo_files crops them unseen.")
+    net = _classifier(stem, cfg, head, len(words), len(answers) if head == "qa_mix" else 0,
+                      shape_aux=bool(aux))
+    out[name] = _learn_shape(net, functools.partial(sample, mode=head, aux=bool(aux)), base,
+                             steps, seed, trainer_optimizer, shape_aux=aux)
   return dict(patch=tuple(base.model.tubelet_size), steps=steps, seed=seed, curves=out,
               optimizer="trainer" if trainer_optimizer else "adamw", clips=clips)
 
 
 MAX_OBJECTS = 3  # The demo dataset's data.synthetic.max_objects.
+BACKGROUND = 3  # token_shape_labels' class of a token that shows no shape.
+
+
+def bench_options(name: str) -> tuple[str, float]:
+  """Takes the bench's own `:shape_aux=W` out of a --stems entry -> (entry, W or 0.0)."""
+  parts, weight = [], 0.0
+  for part in name.split(":"):
+    key, eq, value = part.partition("=")
+    if key == "shape_aux" and eq:
+      try:
+        weight = float(value)
+      except ValueError:
+        raise SystemExit(f"--stems entry {name!r}: shape_aux is a loss weight, not "
+                         f"{value!r}.") from None
+    else:
+      parts.append(part)
+  return ":".join(parts), weight
+
+
+def token_shape_labels(maps: np.ndarray, tubelet) -> np.ndarray:
+  """Per-pixel shape maps (T, S, S) (synthetic.shape_maps) -> each tubelet token's class
+  (T/t * (S/p)^2,), time-major as the encoder's tokens: the shape drawn on most of its pixels
+  if that is at least a tenth of them, else BACKGROUND."""
+  t, p, q = (int(x) for x in tubelet)
+  n, h, w = maps.shape
+  cells = maps.reshape(n // t, t, h // p, p, w // q, q).transpose(0, 2, 4, 1, 3, 5)
+  cells = cells.reshape(-1, t * p * q)
+  counts = np.stack([(cells == k).sum(1) for k in range(BACKGROUND)], 1)
+  best = counts.argmax(1)
+  return np.where(counts.max(1) * 10 >= t * p * q, best, BACKGROUND).astype(np.int32)
 CLIPS = ("still", "demo", "demo_one_object", "demo_no_events", "demo_curriculum",
          "demo_files")
 
@@ -248,9 +290,10 @@ def askable_objects(clip: dict) -> list[dict]:
 
 def clip_source(kind: str, config, switch: int = 0):
   """`source(rng, index) -> (video (T, S, S, 3) uint8, [object dict(color, shape), ...],
-  objects in the clip)`: a clip and its objects whose shape can be asked, the one to score
-  first (drawn at random). `index` is None for a training clip and the held-out clip's
-  number otherwise.
+  objects in the clip, shape maps (T, S, S) int8 or None)`: a clip and its objects whose shape
+  can be asked, the one to score first (drawn at random), and per pixel the index of the shape
+  drawn there (-1: background; synthetic.shape_maps), None for demo_files. `index` is None for
+  a training clip and the held-out clip's number otherwise.
 
   still: one still object on a random domain background, fresh every call.
   demo: fresh clips of the demo dataset's generator (1-3 objects, the actor's timed events,
@@ -277,7 +320,8 @@ def clip_source(kind: str, config, switch: int = 0):
       bg = synthetic.background(rng, synthetic.DOMAINS[rng.integers(len(synthetic.DOMAINS))],
                                 size)
       clip = dict(objects=[obj], events=[], frame_size=size)
-      return synthetic.render_clip(clip, frames, 12, bg), [obj], 1
+      return (synthetic.render_clip(clip, frames, 12, bg), [obj], 1,
+              synthetic.shape_maps(clip, frames, 12))
     return still
 
   if kind in ("demo", "demo_one_object", "demo_no_events", "demo_curriculum"):
@@ -300,7 +344,8 @@ def clip_source(kind: str, config, switch: int = 0):
           break
       bg = synthetic.background(rng, clip["domain"], int(syn.frame_size))
       video = synthetic.render_clip(clip, n, fps, bg)[pick]
-      return video, [stable[j] for j in rng.permutation(len(stable))], len(clip["objects"])
+      return (video, [stable[j] for j in rng.permutation(len(stable))], len(clip["objects"]),
+              synthetic.shape_maps(clip, n, fps)[pick])
     return demo
 
   if kind != "demo_files":
@@ -332,7 +377,7 @@ def clip_source(kind: str, config, switch: int = 0):
       index = None if index is None else index + 1
     clip, _ = readers[split].read(entries[j], rng if index is None else None)
     return (clip["video"], [stable[k] for k in rng.permutation(len(stable))],
-            len(contents[split][j]["objects"]))
+            len(contents[split][j]["objects"]), None)  # No maps: the crop is not known here.
   return files
 
 
@@ -371,17 +416,32 @@ def parse_stem_entry(name: str, cfg) -> tuple[str, str]:
 
 
 def _classifier(stem: str, model_config, head: str = "linear", vocab_size: int = 0,
-                num_answers: int = 0):
+                num_answers: int = 0, shape_aux: bool = False):
   """Shape logits from {"video", "question"}: a CNN, or the encoder with a mean pool and a
   linear layer (head="linear") or the demo's QA head asked "what shape is the <colour>
   object ?" with the three shapes as its answers (head="qa"), or asked that and three more
   questions (colour, presence, absence) over `num_answers` answers (head="qa_mix": logits
-  (B, 4, num_answers))."""
+  (B, 4, num_answers)). With `shape_aux`, (those logits, per-token shape logits (B, N, 4)
+  from a linear layer on the encoder's tokens)."""
   import flax.linen as nn
   import jax.numpy as jnp
   from hvlm_jax.data import synthetic
   from hvlm_jax.models import heads as heads_lib
   from hvlm_jax.models import model as model_lib
+
+  def head_logits(tokens, questions):  # Module-free: called inside Classifier.__call__.
+    if head in ("qa", "qa_mix", "qa_all"):
+      logits = heads_lib.QAHead(
+          num_answers or len(synthetic.SHAPES), vocab_size,
+          hidden_size=model_config.hidden_size, num_layers=model_config.heads.qa.num_layers,
+          pool_video=model_config.heads.qa.get("pool_video", True),
+          num_heads=model_lib.text_heads(model_config),
+          mlp_dim=model_config.heads.text.mlp_dim or model_config.mlp_dim)(
+              questions, tokens)
+      return logits if head in ("qa_mix", "qa_all") else logits[:, 0]
+    if head != "linear":
+      raise SystemExit(f"--stems: head={head!r} is not linear, qa, qa_mix or qa_all.")
+    return nn.Dense(len(synthetic.SHAPES))(tokens.mean(1))
 
   class Classifier(nn.Module):
     @nn.compact
@@ -395,24 +455,19 @@ def _classifier(stem: str, model_config, head: str = "linear", vocab_size: int =
             y = nn.gelu(nn.GroupNorm(8)(y) if stem == "cnn_gn" else y)
         return nn.Dense(len(synthetic.SHAPES))(y.mean((1, 2)))
       tokens = model_lib.build_encoder(model_config)(video)["tokens"]
-      if head in ("qa", "qa_mix", "qa_all"):
-        logits = heads_lib.QAHead(
-            num_answers or len(synthetic.SHAPES), vocab_size,
-            hidden_size=model_config.hidden_size, num_layers=model_config.heads.qa.num_layers,
-            pool_video=model_config.heads.qa.get("pool_video", True),
-            num_heads=model_lib.text_heads(model_config),
-            mlp_dim=model_config.heads.text.mlp_dim or model_config.mlp_dim)(
-                inputs["question"], tokens)
-        return logits if head in ("qa_mix", "qa_all") else logits[:, 0]
-      if head != "linear":
-        raise SystemExit(f"--stems: head={head!r} is not linear, qa, qa_mix or qa_all.")
-      return nn.Dense(len(synthetic.SHAPES))(tokens.mean(1))
+      logits = head_logits(tokens, inputs["question"])
+      if shape_aux:
+        return logits, nn.Dense(BACKGROUND + 1, name="shape_aux")(tokens)
+      return logits
 
   return Classifier()
 
 
 def _learn_shape(net, sample, config, steps: int, seed: int,
-                 trainer_optimizer: bool = False) -> list[dict]:
+                 trainer_optimizer: bool = False, shape_aux: float = 0.0) -> list[dict]:
+  """Trains `net` on fresh `sample`s; the held-out curve. With `shape_aux` > 0 the net also
+  names each token's shape (token_shape_labels), that cross-entropy weighted by shape_aux
+  added to the loss, and the curve has that accuracy on the tokens that show a shape."""
   import jax
   import optax
   from hvlm_jax.train import state as state_lib
@@ -430,10 +485,15 @@ def _learn_shape(net, sample, config, steps: int, seed: int,
   state = opt.init(params)
 
   def loss_fn(params, x, y):  # Labels -1 (qa_all's padding) are left out.
-    ce = optax.softmax_cross_entropy_with_integer_labels(net.apply(params, x),
-                                                         jax.numpy.maximum(y, 0))
+    out = net.apply(params, x)
+    (logits, aux_logits), (y, y_tokens) = (out, y) if shape_aux else ((out, None), (y, None))
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, jax.numpy.maximum(y, 0))
     real = (y >= 0).astype(ce.dtype)
-    return (ce * real).sum() / real.sum()
+    loss = (ce * real).sum() / real.sum()
+    if shape_aux:
+      loss += shape_aux * optax.softmax_cross_entropy_with_integer_labels(
+          aux_logits, y_tokens).mean()
+    return loss
 
   @jax.jit
   def step(params, state, x, y):
@@ -442,17 +502,24 @@ def _learn_shape(net, sample, config, steps: int, seed: int,
     return optax.apply_updates(params, updates), state
 
   def correct(params, x, y):  # Of the shape question (the first, with several per clip).
-    pred = net.apply(params, x).argmax(-1)
-    return pred[:, 0] == y[:, 0] if y.ndim == 2 else pred == y
+    out = net.apply(params, x)
+    if shape_aux:  # And of each token that shows a shape.
+      (out, aux_logits), (y, y_tokens) = out, y
+      aux = (aux_logits.argmax(-1) == y_tokens, y_tokens != BACKGROUND)
+    pred = out.argmax(-1)
+    right = pred[:, 0] == y[:, 0] if y.ndim == 2 else pred == y
+    return (right, *aux) if shape_aux else (right,)
 
   correct = jax.jit(correct)
   curve = []
   for i in range(1, steps + 1):
     params, state = step(params, state, *sample(rng, 16)[:2])
     if i % 150 == 0 or i == steps:
-      right = np.asarray(correct(params, held_x, held_y))
+      right, *aux = (np.asarray(a) for a in correct(params, held_x, held_y))
       curve.append(dict(step=i, held_out_accuracy=float(right.mean()), by_objects={
           int(k): float(right[held_n == k].mean()) for k in np.unique(held_n)}))
+      if aux:
+        curve[-1]["token_shape_accuracy"] = float(aux[0][aux[1]].mean())
       print(curve[-1], flush=True)
   return curve
 
@@ -497,6 +564,8 @@ def _accuracy_cell(row: dict) -> str:
   by = row.get("by_objects", {})
   if len(by) > 1:
     cell += " (" + "/".join(f"{by[k]:.2f}" for k in sorted(by, key=int)) + ")"
+  if "token_shape_accuracy" in row:
+    cell += f"; tokens {row['token_shape_accuracy']:.2f}"
   return cell
 
 
@@ -509,9 +578,9 @@ def define_flags() -> None:
   flags.DEFINE_bool("learnability", False, "Run the shape-learnability bench.")
   flags.DEFINE_list("stems", ["hybrid", "cnn"],
                     "Bench: encoder stems (patch, conv, hybrid; STEM:KEY=VALUE:... also "
-                    "sets config.model keys, and :head=qa, qa_all or qa_mix puts the QA head on the "
-                    "encoder), or cnn / cnn_gn (6 convs, without / with "
-                    "GroupNorm).")
+                    "sets config.model keys, :head=qa, qa_all or qa_mix puts the QA head on the "
+                    "encoder, and :shape_aux=W adds the per-token shape loss), or cnn / cnn_gn "
+                    "(6 convs, without / with GroupNorm).")
   flags.DEFINE_integer("patch", 0, "Bench: spatial patch size (0: the demo's).")
   flags.DEFINE_bool("trainer_optimizer", False,
                     "Bench: the trainer's optimizer for the demo config (gradient clipping, "

@@ -193,6 +193,50 @@ def shape_coverage(shape: str, x: float, y: float, r: float, size: int) -> np.nd
   return np.clip(0.5 - sd, 0.0, 1.0)
 
 
+def actor_pose(clip: dict, t: float, offset: float = 0.0):
+  """(x, y, r, alpha, mix, target) of the actor at time t: centre, half-size, opacity, and the
+  share `mix` of the shape `target` it is turning into (render_clip's motion)."""
+  actor = clip["objects"][0]
+  step = 0.32 * clip["frame_size"]
+  x, y, r, alpha, mix = actor["x"] + offset, actor["y"] + offset, actor["r"], 1.0, 0.0
+  target = actor["shape"]
+  for ev in clip["events"]:
+    p = float(np.clip((t - ev["start"]) / (ev["end"] - ev["start"]), 0.0, 1.0))
+    label = ev["label"]
+    if label in DIRECTIONS:
+      _, dx, dy = DIRECTIONS[label]
+      x, y = x + dx * step * p, y + dy * step * p
+    elif label == "grow":
+      r *= 1 + 0.5 * p
+    elif label == "appear":
+      alpha *= p
+    elif label == "disappear":
+      alpha *= 1 - p
+    elif label == "change_shape":
+      mix, target = p, ev["target"]
+  return x, y, r, alpha, mix, target
+
+
+def shape_maps(clip: dict, num_frames: int, fps: float) -> np.ndarray:
+  """(num_frames, N, N) int8: per pixel, the index in SHAPES of the shape drawn there (the
+  actor's current majority shape while it changes), -1 for background; a pixel belongs to an
+  object where its coverage (times opacity, for the actor) is at least a half."""
+  size = int(clip["frame_size"])
+  still = np.full((size, size), -1, np.int8)
+  for o in clip["objects"][1:]:
+    still[shape_coverage(o["shape"], o["x"], o["y"], o["r"], size) >= 0.5] = SHAPES.index(
+        o["shape"])
+  maps = np.repeat(still[None], num_frames, 0)
+  shape = clip["objects"][0]["shape"]
+  for i in range(num_frames):
+    x, y, r, alpha, mix, target = actor_pose(clip, i / fps)
+    cov = (1 - mix) * shape_coverage(shape, x, y, r, size)
+    if mix > 0:
+      cov = cov + mix * shape_coverage(target, x, y, r, size)
+    maps[i][alpha * cov >= 0.5] = SHAPES.index(target if mix > 0.5 else shape)
+  return maps
+
+
 def render_clip(clip: dict, num_frames: int, fps: float, bg: np.ndarray,
                 offset: float = 0.0) -> np.ndarray:
   """Frames (num_frames, N, N, 3) uint8 of `clip` over bg (N, N, 3); frame i shows time i / fps.
@@ -201,31 +245,14 @@ def render_clip(clip: dict, num_frames: int, fps: float, bg: np.ndarray,
   scene `offset` px from its top-left corner.
   """
   size = bg.shape[0]
-  actor, events = clip["objects"][0], clip["events"]
+  actor = clip["objects"][0]
   frames = np.empty((num_frames, size, size, 3), np.uint8)
   static = bg.copy()
   for o in clip["objects"][1:]:
     cov = shape_coverage(o["shape"], o["x"] + offset, o["y"] + offset, o["r"], size)[..., None]
     static = static * (1 - cov) + np.array(COLORS[o["color"]], np.float32) * cov
-  step = 0.32 * clip["frame_size"]
   for i in range(num_frames):
-    t = i / fps
-    x, y, r, alpha, mix = actor["x"] + offset, actor["y"] + offset, actor["r"], 1.0, 0.0
-    target = actor["shape"]
-    for ev in events:
-      p = float(np.clip((t - ev["start"]) / (ev["end"] - ev["start"]), 0.0, 1.0))
-      label = ev["label"]
-      if label in DIRECTIONS:
-        _, dx, dy = DIRECTIONS[label]
-        x, y = x + dx * step * p, y + dy * step * p
-      elif label == "grow":
-        r *= 1 + 0.5 * p
-      elif label == "appear":
-        alpha *= p
-      elif label == "disappear":
-        alpha *= 1 - p
-      elif label == "change_shape":
-        mix, target = p, ev["target"]
+    x, y, r, alpha, mix, target = actor_pose(clip, i / fps, offset)
     cov = (1 - mix) * shape_coverage(actor["shape"], x, y, r, size)
     if mix > 0:
       cov = cov + mix * shape_coverage(target, x, y, r, size)
