@@ -217,6 +217,11 @@ def get_config(arg=None):
   heads.qa = ml_collections.ConfigDict(dict(num_layers=2, pool_video=True))
   heads.captioning = ml_collections.ConfigDict(dict(
       num_layers=2, label_smoothing=0.1, beam_size=3, length_penalty=0.6, max_length=24))
+  # Auxiliary training target on the synthetic dataset: a linear layer names the shape drawn on
+  # each grid token, or background (num_classes = 3 shapes + 1), from the generator's object
+  # layouts (data/synthetic.py, token_shape_labels); weight loss_weights.token_shape. Tokens that
+  # carry shape let the QA head bind a colour to a shape (benchmarks/appearance, fifth round).
+  heads.token_shape = ml_collections.ConfigDict(dict(enabled=False, num_classes=4))
 
   # Long videos (hvlm_jax/models/streaming.py): consecutive segments of one clip each
   # (data.video.num_frames frames over segment_seconds), a memory bank of compressed summary
@@ -283,7 +288,7 @@ def get_config(arg=None):
   tr.max_nonfinite_steps = 10
   tr.loss_weights = ml_collections.ConfigDict(
       dict(classification=1.0, action_detection=0.33, video_qa=0.33, captioning=0.34,
-           router=0.1, router_balance=0.01))
+           router=0.1, router_balance=0.01, token_shape=1.0))
 
   # ----- mesh ---------------------------------------------------------------------------
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

@@ -6,6 +6,8 @@ import os
 import numpy as np
 import pytest
 
+from hvlm_jax.data import synthetic
+
 _PATH = os.path.join(os.path.dirname(__file__), "..", "tools", "diagnose_appearance.py")
 _spec = importlib.util.spec_from_file_location("diagnose_appearance", _PATH)
 tool = importlib.util.module_from_spec(_spec)
@@ -111,8 +113,8 @@ def test_token_labels_name_the_shape_on_most_of_a_token_and_background_below_a_t
   maps[1, 0:2, 4:8] = 2                # ... and 8 triangle: circle.
   maps[2, 4, 4:7] = 2                  # Token (1, 1, 1): 3 of 32 pixels (< a tenth).
   maps[3, 4:8, 0] = 0                  # Token (1, 1, 0): 4 of 32 pixels (a tenth or more).
-  labels = tool.token_shape_labels(maps, (2, 4, 4))
-  bg = tool.BACKGROUND
+  labels = synthetic.token_shape_labels(maps, (2, 4, 4))
+  bg = synthetic.BACKGROUND
   np.testing.assert_array_equal(labels, [1, 0, bg, bg, bg, bg, 0, bg])
 
 

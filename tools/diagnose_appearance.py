@@ -207,7 +207,7 @@ def learnability(stems, patch: int, steps: int, seed: int,
       videos.append(video)
       counts.append(count)
       if aux:
-        token_labels.append(token_shape_labels(maps, base.model.tubelet_size))
+        token_labels.append(synthetic.token_shape_labels(maps, base.model.tubelet_size))
       asked = [(f"what shape is the {obj['color']} object ?", obj["shape"])]
       if mode == "qa_all":  # The same question about every other object of the clip too.
         asked += [(f"what shape is the {o['color']} object ?", o["shape"])
@@ -247,7 +247,6 @@ def learnability(stems, patch: int, steps: int, seed: int,
 
 
 MAX_OBJECTS = 3  # The demo dataset's data.synthetic.max_objects.
-BACKGROUND = 3  # token_shape_labels' class of a token that shows no shape.
 
 
 def bench_options(name: str) -> tuple[str, float]:
@@ -266,17 +265,6 @@ def bench_options(name: str) -> tuple[str, float]:
   return ":".join(parts), weight
 
 
-def token_shape_labels(maps: np.ndarray, tubelet) -> np.ndarray:
-  """Per-pixel shape maps (T, S, S) (synthetic.shape_maps) -> each tubelet token's class
-  (T/t * (S/p)^2,), time-major as the encoder's tokens: the shape drawn on most of its pixels
-  if that is at least a tenth of them, else BACKGROUND."""
-  t, p, q = (int(x) for x in tubelet)
-  n, h, w = maps.shape
-  cells = maps.reshape(n // t, t, h // p, p, w // q, q).transpose(0, 2, 4, 1, 3, 5)
-  cells = cells.reshape(-1, t * p * q)
-  counts = np.stack([(cells == k).sum(1) for k in range(BACKGROUND)], 1)
-  best = counts.argmax(1)
-  return np.where(counts.max(1) * 10 >= t * p * q, best, BACKGROUND).astype(np.int32)
 CLIPS = ("still", "demo", "demo_one_object", "demo_no_events", "demo_curriculum",
          "demo_files")
 
@@ -457,7 +445,7 @@ def _classifier(stem: str, model_config, head: str = "linear", vocab_size: int =
       tokens = model_lib.build_encoder(model_config)(video)["tokens"]
       logits = head_logits(tokens, inputs["question"])
       if shape_aux:
-        return logits, nn.Dense(BACKGROUND + 1, name="shape_aux")(tokens)
+        return logits, nn.Dense(synthetic.BACKGROUND + 1, name="shape_aux")(tokens)
       return logits
 
   return Classifier()
@@ -470,6 +458,7 @@ def _learn_shape(net, sample, config, steps: int, seed: int,
   added to the loss, and the curve has that accuracy on the tokens that show a shape."""
   import jax
   import optax
+  from hvlm_jax.data import synthetic
   from hvlm_jax.train import state as state_lib
 
   rng = np.random.default_rng(seed)
@@ -505,7 +494,7 @@ def _learn_shape(net, sample, config, steps: int, seed: int,
     out = net.apply(params, x)
     if shape_aux:  # And of each token that shows a shape.
       (out, aux_logits), (y, y_tokens) = out, y
-      aux = (aux_logits.argmax(-1) == y_tokens, y_tokens != BACKGROUND)
+      aux = (aux_logits.argmax(-1) == y_tokens, y_tokens != synthetic.BACKGROUND)
     pred = out.argmax(-1)
     right = pred[:, 0] == y[:, 0] if y.ndim == 2 else pred == y
     return (right, *aux) if shape_aux else (right,)

@@ -60,6 +60,16 @@ class ClipReader:
     self.cache = CacheReader(data.cache_dir, split.name, config) if use_cache else None
     self._memory: dict[str, tuple] = {}
     self._memory_bytes = 0
+    # Per-token shape targets (config.model.heads.token_shape): the synthetic generator's
+    # object layouts, read once; the tubelet size groups their per-pixel maps into tokens.
+    self.layouts = None
+    if config.model.heads.get("token_shape", {}).get("enabled", False):
+      if self.mode == "features":
+        raise ValueError("config.model.heads.token_shape needs video input (config.data.input="
+                         "video or cache), not features.")
+      from hvlm_jax.data import synthetic  # Local: only this option needs the generator.
+      self.layouts = synthetic.load_layouts(split.root)
+      self.tubelet = tuple(int(x) for x in config.model.tubelet_size)
 
   def __getstate__(self):
     state = dict(self.__dict__)
@@ -111,21 +121,42 @@ class ClipReader:
       else:
         frames = all_frames[idx]
       pts = all_pts[idx]
-    frames, flipped = self._spatial(frames, rng)
+    shape = frames.shape
+    frames, flipped, box = self._spatial(frames, rng)
     clip = dict(video=frames, timestamps=pts.astype(np.float32), duration=np.float32(duration))
+    if self.layouts is not None:
+      clip["token_shapes"] = self._token_shapes(entry, pts, shape[1:3], box, flipped)
     if flipped:
       clip["flipped"] = True  # Popped by the caller, which mirrors the labels.
     return clip, times_fn.window
 
   def _spatial(self, frames, rng):
+    """(frames, flipped, crop box)."""
     aug = self.augment
     h, w = frames.shape[1:3]
     if rng is None or not aug["enabled"]:
-      return video_lib.crop_resize(frames, video_lib.center_crop_params(h, w), self.size), False
+      box = video_lib.center_crop_params(h, w)
+      return video_lib.crop_resize(frames, box, self.size), False, box
     box = video_lib.random_crop_params(rng, h, w, aug["min_crop_scale"])
     flip = bool(aug["flip"]) and rng.random() < 0.5
     frames = video_lib.crop_resize(frames, box, self.size, flip)
-    return video_lib.color_jitter(frames, rng, aug["color_jitter"]), flip
+    return video_lib.color_jitter(frames, rng, aug["color_jitter"]), flip, box
+
+  def _token_shapes(self, entry: VideoEntry, pts, decoded_hw, box, flipped) -> np.ndarray:
+    """(N,) int32 per-token shape targets of the picked frames (times `pts`) seen through the
+    same crop and flip as the frames: synthetic.token_shape_labels of the layout's maps."""
+    from hvlm_jax.data import synthetic
+    layout = self.layouts.get(entry.video_id)
+    if layout is None:
+      raise ValueError(f"{entry.video_id} has no entry in {entry.video_id.split('_')[0]}'s "
+                       f"{synthetic.LAYOUT_FILE} (config.model.heads.token_shape).")
+    n, fps = int(layout["num_frames"]), float(layout["fps"])
+    index = np.clip(np.rint(np.asarray(pts, np.float64) * fps), 0, n - 1).astype(int)
+    maps = synthetic.shape_maps(layout, n, fps, frames=index)
+    scale = maps.shape[1] / decoded_hw[0]  # The layout's pixels per decoded pixel.
+    top, left, ch, cw = (int(round(v * scale)) for v in box)
+    maps = video_lib.crop_resize_labels(maps, (top, left, ch, cw), self.size, flipped)
+    return synthetic.token_shape_labels(maps, self.tubelet)
 
   def _read_features(self, entry: VideoEntry, times_fn):
     if self.cache is not None:

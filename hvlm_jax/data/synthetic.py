@@ -217,24 +217,42 @@ def actor_pose(clip: dict, t: float, offset: float = 0.0):
   return x, y, r, alpha, mix, target
 
 
-def shape_maps(clip: dict, num_frames: int, fps: float) -> np.ndarray:
+def shape_maps(clip: dict, num_frames: int, fps: float, frames=None) -> np.ndarray:
   """(num_frames, N, N) int8: per pixel, the index in SHAPES of the shape drawn there (the
   actor's current majority shape while it changes), -1 for background; a pixel belongs to an
-  object where its coverage (times opacity, for the actor) is at least a half."""
+  object where its coverage (times opacity, for the actor) is at least a half. `frames`: only
+  these frame indices, in that order (a sampled clip), instead of all num_frames."""
   size = int(clip["frame_size"])
   still = np.full((size, size), -1, np.int8)
   for o in clip["objects"][1:]:
     still[shape_coverage(o["shape"], o["x"], o["y"], o["r"], size) >= 0.5] = SHAPES.index(
         o["shape"])
-  maps = np.repeat(still[None], num_frames, 0)
+  frames = np.arange(num_frames) if frames is None else np.asarray(frames)
+  maps = np.repeat(still[None], len(frames), 0)
   shape = clip["objects"][0]["shape"]
-  for i in range(num_frames):
-    x, y, r, alpha, mix, target = actor_pose(clip, i / fps)
+  for k, i in enumerate(frames):
+    x, y, r, alpha, mix, target = actor_pose(clip, int(i) / fps)
     cov = (1 - mix) * shape_coverage(shape, x, y, r, size)
     if mix > 0:
       cov = cov + mix * shape_coverage(target, x, y, r, size)
-    maps[i][alpha * cov >= 0.5] = SHAPES.index(target if mix > 0.5 else shape)
+    maps[k][alpha * cov >= 0.5] = SHAPES.index(target if mix > 0.5 else shape)
   return maps
+
+
+BACKGROUND = len(SHAPES)  # token_shape_labels' class of a token that shows no shape.
+
+
+def token_shape_labels(maps: np.ndarray, tubelet) -> np.ndarray:
+  """Per-pixel shape maps (T, S, S) (shape_maps) -> each tubelet token's class
+  (T/t * (S/p)^2,), time-major as the encoder's tokens: the shape drawn on most of its pixels
+  if that is at least a tenth of them, else BACKGROUND (3)."""
+  t, p, q = (int(x) for x in tubelet)
+  n, h, w = maps.shape
+  cells = maps.reshape(n // t, t, h // p, p, w // q, q).transpose(0, 2, 4, 1, 3, 5)
+  cells = cells.reshape(-1, t * p * q)
+  counts = np.stack([(cells == k).sum(1) for k in range(BACKGROUND)], 1)
+  best = counts.argmax(1)
+  return np.where(counts.max(1) * 10 >= t * p * q, best, BACKGROUND).astype(np.int32)
 
 
 def render_clip(clip: dict, num_frames: int, fps: float, bg: np.ndarray,
@@ -376,6 +394,59 @@ def _write_one(job) -> dict:
   return {k: ex[k] for k in ("action_detection", "video_qa", "video_captioning")}
 
 
+LAYOUT_FILE = "object_layout.json"  # In each split's annotations/ (not for `footage` clips).
+
+
+def object_layout(seed: int, split: str, index: int, settings: dict) -> dict:
+  """What clip `index` of `split` draws, in the frame: the objects (colour, shape, centre x, y
+  and half-size r in pixels; the actor first) and the actor's events, with the clip's fps and
+  frame size; shape_maps(layout, ...) gives the shape under every pixel of every frame. The
+  content make_example draws first, so it is drawn alone (no rendering)."""
+  rng = np.random.default_rng([seed, _split_code(split), index])
+  clip = sample_clip(rng, frame_size=settings["frame_size"],
+                     duration=settings["num_frames"] / settings["fps"],
+                     domains=settings["domains"], max_objects=settings["max_objects"])
+  return dict(video_id=f"{split}_{index:05d}", fps=settings["fps"],
+              num_frames=settings["num_frames"], **clip)
+
+
+def write_layouts(root: str, settings: dict) -> None:
+  """Writes each split's LAYOUT_FILE that is missing (a pure function of the settings, so an
+  older dataset gains it without any other file changing); nothing for `footage` datasets,
+  whose camera moves the objects in the frame."""
+  if settings.get("footage"):
+    return
+  for split in SPLITS:
+    path = os.path.join(root, split, "annotations", LAYOUT_FILE)
+    if os.path.exists(path) or not os.path.isdir(os.path.dirname(path)):
+      continue
+    rows = [object_layout(settings["seed"], split, i, settings)
+            for i in range(settings["num_videos"].get(split, 0))]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(rows, f, indent=1)
+    os.replace(tmp, path)
+
+
+def load_layouts(split_dir: str) -> dict[str, dict]:
+  """{video_id: layout} from `split_dir`/annotations/LAYOUT_FILE.
+
+  Raises:
+    DatasetError: the file is missing or unreadable, named.
+  """
+  path = os.path.join(split_dir, "annotations", LAYOUT_FILE)
+  try:
+    with open(path) as f:
+      rows = json.load(f)
+    return {r["video_id"]: r for r in rows}
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    reason = "is missing" if isinstance(e, FileNotFoundError) else f"is unreadable ({e})"
+    raise DatasetError(
+        f"{path} {reason}: the per-token shape targets (config.model.heads.token_shape) need "
+        "the object layout that the synthetic generator writes (not for data.synthetic."
+        "footage datasets).") from None
+
+
 def settings_from_config(config) -> dict:
   """Generator settings from `config.data` (the marker file stores them)."""
   syn = config.data.synthetic
@@ -413,6 +484,7 @@ def generate_dataset(root: str, settings: dict, *, num_processes: int | None = N
     for task in ("action_detection", "video_qa", "video_captioning"):
       with open(os.path.join(root, split, "annotations", task + ".json"), "w") as f:
         json.dump([r[task] for r in rows], f, indent=1)
+  write_layouts(root, settings)
   with open(os.path.join(root, MARKER), "w") as f:
     json.dump(settings, f, indent=1, sort_keys=True)
 
@@ -440,6 +512,7 @@ def ensure_dataset(config, *, progress: bool = False) -> str:
   settings = settings_from_config(config)
   if os.path.exists(root):
     _check_existing(root, settings)
+    write_layouts(root, settings)  # A dataset made before they were written gains them.
     return root
   parent = os.path.dirname(root)
   os.makedirs(parent, exist_ok=True)

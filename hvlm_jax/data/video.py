@@ -245,6 +245,16 @@ def crop_resize(frames: np.ndarray, box, size: int, flip: bool = False) -> np.nd
   return out
 
 
+def crop_resize_labels(labels: np.ndarray, box, size: int, flip: bool = False) -> np.ndarray:
+  """crop_resize for label maps (T, h, w) int8: nearest-neighbour, so no label is blended."""
+  top, left, ch, cw = box
+  crop = labels[:, top:top + ch, left:left + cw]
+  rows = np.minimum(((np.arange(size) + 0.5) * ch / size).astype(int), ch - 1)
+  cols = np.minimum(((np.arange(size) + 0.5) * cw / size).astype(int), cw - 1)
+  out = crop[:, rows][:, :, cols]
+  return np.ascontiguousarray(out[:, :, ::-1] if flip else out)
+
+
 def color_jitter(frames: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
   """Brightness b, contrast c, saturation s, each drawn in [1 - strength, 1 + strength].
 

@@ -34,6 +34,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 from flax import linen as nn
 
 from hvlm_jax.config import ConfigError
@@ -45,7 +46,7 @@ from hvlm_jax.models.domain.lora import TARGETS, LoRASpec
 from hvlm_jax.models.encoder import (ARCHITECTURE_KEYS, CHANNEL_ORDERS, GELUS, MOTION_INPUTS,
                                      POOLINGS, POSITION_EMBEDDINGS, STEM_NORMS, STEMS,
                                      VideoEncoder, encoder_architecture)
-from hvlm_jax.models.layers import ABSENT_QKV_BIASES
+from hvlm_jax.models.layers import ABSENT_QKV_BIASES, dense
 from hvlm_jax.models.token_merging import MergingSpec
 from hvlm_jax.models.token_merging.merging import unmerge_to_grid
 
@@ -285,6 +286,11 @@ class HierarchicalVLM(nn.Module):
                     if "video_qa" in tasks else None)
     self.caption_head = (heads_lib.CaptionDecoder(h.vocab_size, num_layers=h.captioning.num_layers,
                                                   **text) if "captioning" in tasks else None)
+    # Auxiliary training target: which shape (or background) each grid token shows.
+    ts = h.get("token_shape", {})
+    self.token_shape_head = (dense(int(ts.get("num_classes", 4)), ("embed", "vocab"),
+                                   name="token_shape_head", **kw)
+                             if ts.get("enabled", False) else None)
 
   def encode(self, batch: dict, *, train: bool = False, merge_weights=None) -> dict:
     """Router, encoder and experts: tokens, token_mask, time_features, domain, router_logits.
@@ -356,6 +362,10 @@ class HierarchicalVLM(nn.Module):
       captions = _get(batch, "caption_tokens", "captioning")
       out["caption_logits"] = self.caption_head(captions[:, :-1], tokens, mask, bias,
                                                 deterministic=det)
+    if self.token_shape_head is not None:  # On every grid position (merged tokens unmerged).
+      grid = enc["step_tokens"]
+      out["token_shape_logits"] = self.token_shape_head(
+          grid.reshape(grid.shape[0], -1, grid.shape[-1])).astype(jnp.float32)
     return out
 
   def predict(self, batch: dict[str, jax.Array], *, merge_weights=None) -> dict:
@@ -442,6 +452,17 @@ def compute_losses(outputs: dict, batch: dict, config) -> tuple[jax.Array, dict]
     add("captioning", *heads_lib.caption_loss(
         outputs["caption_logits"], batch["caption_tokens"], present(batch["caption_mask"]),
         label_smoothing=h.captioning.label_smoothing))
+  if "token_shape_logits" in outputs:
+    if "token_shapes" not in batch:
+      raise KeyError("config.model.heads.token_shape is enabled but the batch has no "
+                     "'token_shapes'.")
+    labels = batch["token_shapes"]
+    known = present(labels >= 0)
+    ce = optax.softmax_cross_entropy_with_integer_labels(outputs["token_shape_logits"],
+                                                         jnp.maximum(labels, 0))
+    n = jnp.maximum(known.sum(), 1)
+    right = outputs["token_shape_logits"].argmax(-1) == labels
+    add("token_shape", (ce * known).sum() / n, (right & known).sum() / n)
   if "router_logits" in outputs:
     supervised = config.model.domain_modules.router.supervised
     labels = batch.get("domain") if supervised else None
