@@ -136,3 +136,13 @@ def test_features_input_is_refused_in_one_sentence():
   split = annotations.SplitData("training", os.path.join(dataset_dir(), "training"), [])
   with pytest.raises(ValueError, match=r"config.model.heads.token_shape needs video input"):
     pipeline.ClipReader(config, split)
+
+
+def test_streaming_training_with_token_shapes_is_refused_in_one_sentence():
+  from hvlm_jax.config import ConfigError
+  from hvlm_jax.models import model as model_lib
+  config = tiny_config()
+  config.model.heads.token_shape.enabled = True
+  config.model.streaming.train_segments = 2
+  with pytest.raises(ConfigError, match=r"token_shape needs single-clip training"):
+    model_lib.check_model_config(config.model)

@@ -110,6 +110,10 @@ def check_model_config(model_config) -> None:
   if dm.router.mode == "top_k" and not 1 <= dm.router.top_k <= dm.num_domains:
     raise ConfigError(f"config.model.domain_modules.router.top_k={dm.router.top_k} must be in "
                       f"[1, num_domains={dm.num_domains}].")
+  if (h.get("token_shape", {}).get("enabled", False)
+      and model_config.get("streaming", {}).get("train_segments", 0) > 0):
+    raise ConfigError("config.model.heads.token_shape needs single-clip training; turn it off "
+                      "or set config.model.streaming.train_segments=0.")
   heads = text_heads(model_config)
   if model_config.hidden_size % heads:
     raise ConfigError(f"config.model.hidden_size={model_config.hidden_size} is not divisible "
