@@ -182,7 +182,9 @@ def learnability(stems, patch: int, steps: int, seed: int,
   from hvlm_jax.config import import_sibling
   from hvlm_jax.data import synthetic
 
-  base = import_sibling(os.path.join(_ROOT, "configs", "demo.py"), "demo.py").get_config()
+  # The demo's encoder of the first five rounds (before its fold stem and token-shape head).
+  base = import_sibling(os.path.join(_ROOT, "configs", "demo.py"), "demo.py").get_config(
+      "before_token_shape=true")
   if patch:
     base.model.tubelet_size = (base.model.tubelet_size[0], patch, patch)
   source = clip_source(clips, base, switch=steps // 2 * 16)  # 16 clips a step.
