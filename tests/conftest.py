@@ -20,17 +20,3 @@ _CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".jax_ca
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.abspath(_CACHE))
 os.environ.setdefault("HVLM_COMPILATION_CACHE", os.path.abspath(_CACHE))  # run.py's default.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-
-
-# Longest files first (measured with --durations on 2 cores): `--dist loadfile` hands files to
-# the two workers in collection order, so a long file collected last (test_run_safety.py's
-# multi-process runs) would leave one worker alone at the end.
-_LONGEST_FIRST = ("test_run_safety.py", "test_train.py", "test_predict.py",
-                  "test_pretrained_run.py", "test_model.py", "test_train_processes.py",
-                  "test_evaluate.py", "test_streaming.py", "test_token_merging_encoder.py",
-                  "test_pretraining.py")
-
-
-def pytest_collection_modifyitems(session, config, items):
-  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
-  items.sort(key=lambda item: rank.get(os.path.basename(str(item.path)), len(rank)))
