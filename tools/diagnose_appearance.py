@@ -16,7 +16,8 @@ With --workdir (a run trained on `data.name="synthetic"`):
      in the first --probe_clips training clips, predicting its shape and its colour; the same
      probe on a freshly initialised encoder and on the raw pixels of the 3x3 cells around it.
      A probe below the fresh encoder's means training removed what the random features held.
-With --learnability: the demo encoder (its config, --stems, optionally --patch) plus a mean
+With --learnability: the demo encoder of the first five rounds (configs/demo.py:
+before_token_shape=true; --stems and --patch change it) plus a mean
 pool and a linear layer (or, with STEM:head=qa, the demo's QA head asked "what shape is the
 <colour> object ?"; with STEM:head=qa_all, that about every object of the clip (1-3 questions,
 the first scored); with STEM:head=qa_mix, that and three more questions about the same
