@@ -42,8 +42,8 @@ def get_config(arg=None):
   model.num_attention_heads = 4
   model.mlp_dim = 256
   # 16 px patches: a 4 x 4 grid per tubelet, 128 tokens a clip, a quarter of the FLOPs of a
-  # step with 8 px patches (512 tokens), so 1200 steps take less time than 600 did and score
-  # higher on every task (README, "The demo").
+  # step with 8 px patches (512 tokens): 1200 such steps took less time than 600 did and
+  # scored higher on every task (benchmarks/demo_before_token_shape/).
   model.tubelet_size = (2, 16, 16)
   # Two-stream input: RGB tubelets plus frame differences and per-token optical flow. Trained
   # from scratch on 400 clips, an RGB-only encoder does not find which way things move.
