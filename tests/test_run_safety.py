@@ -26,7 +26,7 @@ CONFIG = os.path.join(ROOT, "tests", "tiny_train_config.py")
 EXIT_STOPPED = 75
 
 
-def command(module, workdir, *flags, devices=2, log=None, wait=True):
+def command(module, workdir, *flags, devices=8, log=None, wait=True):
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   cmd = [sys.executable, "-m", module, f"--workdir={workdir}", *flags]
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log or subprocess.PIPE,
@@ -40,7 +40,7 @@ def command(module, workdir, *flags, devices=2, log=None, wait=True):
 def train(workdir, *flags, **kw):
   return command("hvlm_jax.train", workdir,
                  f"--config={CONFIG}:data_dir={data_testutil.dataset_dir()}",
-                 "--config.mesh.data=1", "--config.mesh.tensor=2", *flags, **kw)
+                 "--config.mesh.data=4", "--config.mesh.tensor=2", *flags, **kw)
 
 
 def files_of(workdir) -> dict[str, str]:
@@ -180,13 +180,13 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_resumes_exac
   from test_train_processes import free_port
   flags = [f"--config={CONFIG}:data_dir={data_testutil.dataset_dir()},batch_size=8",
            "--config.training.num_steps=30", "--config.training.checkpoint_every_steps=100",
-           "--config.mesh.data=2", "--num_processes=2"]  # One device each: fast to compile.
+           "--config.mesh.data=4", "--config.mesh.fsdp=2", "--num_processes=2"]
 
   def pair(workdir, tag):
     port = free_port()
     logs = [open(tmp_path / f"{tag}{i}.log", "w") for i in range(2)]
     return [command("hvlm_jax.train", workdir, *flags, f"--coordinator_address=localhost:{port}",
-                    f"--process_id={i}", devices=1, log=logs[i], wait=False)
+                    f"--process_id={i}", devices=4, log=logs[i], wait=False)
             for i in range(2)], [tmp_path / f"{tag}{i}.log" for i in range(2)]
 
   stopped = str(tmp_path / "stopped")
