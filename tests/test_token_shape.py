@@ -146,3 +146,11 @@ def test_streaming_training_with_token_shapes_is_refused_in_one_sentence():
   config.model.streaming.train_segments = 2
   with pytest.raises(ConfigError, match=r"token_shape needs single-clip training"):
     model_lib.check_model_config(config.model)
+
+
+def test_a_video_missing_from_the_layout_file_is_named():
+  _, split, reader = _reader(enabled=False)
+  entry = split.entries[0]
+  del reader.layouts[entry.video_id]
+  with pytest.raises(ValueError, match=rf"object_layout.json has no entry for {entry.video_id}"):
+    reader.read(entry, None)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import re
 import sys
 
@@ -69,6 +70,7 @@ class ClipReader:
                          "video or cache), not features.")
       from hvlm_jax.data import synthetic  # Local: only this option needs the generator.
       self.layouts = synthetic.load_layouts(split.root)
+      self.layout_path = os.path.join(split.root, "annotations", synthetic.LAYOUT_FILE)
       self.tubelet = tuple(int(x) for x in config.model.tubelet_size)
 
   def __getstate__(self):
@@ -148,8 +150,8 @@ class ClipReader:
     from hvlm_jax.data import synthetic
     layout = self.layouts.get(entry.video_id)
     if layout is None:
-      raise ValueError(f"{entry.video_id} has no entry in {entry.video_id.split('_')[0]}'s "
-                       f"{synthetic.LAYOUT_FILE} (config.model.heads.token_shape).")
+      raise ValueError(f"{self.layout_path} has no entry for {entry.video_id} "
+                       "(config.model.heads.token_shape).")
     n, fps = int(layout["num_frames"]), float(layout["fps"])
     index = np.clip(np.rint(np.asarray(pts, np.float64) * fps), 0, n - 1).astype(int)
     maps = synthetic.shape_maps(layout, n, fps, frames=index)
