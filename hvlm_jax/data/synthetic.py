@@ -217,6 +217,17 @@ def actor_pose(clip: dict, t: float, offset: float = 0.0):
   return x, y, r, alpha, mix, target
 
 
+def actor_coverage(clip: dict, t: float, size: int, offset: float = 0.0):
+  """(coverage (size, size) in [0, 1] times opacity, the shape it mostly shows) of the actor at
+  time t; render_clip draws it and shape_maps labels it."""
+  x, y, r, alpha, mix, target = actor_pose(clip, t, offset)
+  shape = clip["objects"][0]["shape"]
+  cov = (1 - mix) * shape_coverage(shape, x, y, r, size)
+  if mix > 0:
+    cov = cov + mix * shape_coverage(target, x, y, r, size)
+  return alpha * cov, target if mix > 0.5 else shape
+
+
 def shape_maps(clip: dict, num_frames: int, fps: float, frames=None) -> np.ndarray:
   """(num_frames, N, N) int8: per pixel, the index in SHAPES of the shape drawn there (the
   actor's current majority shape while it changes), -1 for background; a pixel belongs to an
@@ -229,13 +240,9 @@ def shape_maps(clip: dict, num_frames: int, fps: float, frames=None) -> np.ndarr
         o["shape"])
   frames = np.arange(num_frames) if frames is None else np.asarray(frames)
   maps = np.repeat(still[None], len(frames), 0)
-  shape = clip["objects"][0]["shape"]
   for k, i in enumerate(frames):
-    x, y, r, alpha, mix, target = actor_pose(clip, int(i) / fps)
-    cov = (1 - mix) * shape_coverage(shape, x, y, r, size)
-    if mix > 0:
-      cov = cov + mix * shape_coverage(target, x, y, r, size)
-    maps[k][alpha * cov >= 0.5] = SHAPES.index(target if mix > 0.5 else shape)
+    cov, shown = actor_coverage(clip, int(i) / fps, size)
+    maps[k][cov >= 0.5] = SHAPES.index(shown)
   return maps
 
 
@@ -270,11 +277,7 @@ def render_clip(clip: dict, num_frames: int, fps: float, bg: np.ndarray,
     cov = shape_coverage(o["shape"], o["x"] + offset, o["y"] + offset, o["r"], size)[..., None]
     static = static * (1 - cov) + np.array(COLORS[o["color"]], np.float32) * cov
   for i in range(num_frames):
-    x, y, r, alpha, mix, target = actor_pose(clip, i / fps, offset)
-    cov = (1 - mix) * shape_coverage(actor["shape"], x, y, r, size)
-    if mix > 0:
-      cov = cov + mix * shape_coverage(target, x, y, r, size)
-    cov = (alpha * cov)[..., None]
+    cov = actor_coverage(clip, i / fps, size, offset)[0][..., None]
     img = static * (1 - cov) + np.array(COLORS[actor["color"]], np.float32) * cov
     frames[i] = np.clip(np.rint(img), 0, 255).astype(np.uint8)
   return frames
@@ -423,9 +426,13 @@ def write_layouts(root: str, settings: dict) -> None:
     rows = [object_layout(settings["seed"], split, i, settings)
             for i in range(settings["num_videos"].get(split, 0))]
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(rows, f, indent=1)
-    os.replace(tmp, path)
+    try:
+      with open(tmp, "w") as f:
+        json.dump(rows, f, indent=1)
+      os.replace(tmp, path)
+    except OSError:  # A read-only dataset: load_layouts names the missing file if it is needed.
+      if os.path.exists(tmp):
+        os.remove(tmp)
 
 
 def load_layouts(split_dir: str) -> dict[str, dict]:
