@@ -1,6 +1,8 @@
 """Helpers for the data tests: a tiny config and a tiny synthetic dataset made once per session."""
 import atexit
 import functools
+import os
+import re
 import shutil
 import tempfile
 
@@ -12,6 +14,15 @@ from hvlm_jax.data import synthetic
 
 _TMP = tempfile.mkdtemp(prefix="hvlm_data_tests-")
 atexit.register(shutil.rmtree, _TMP, True)
+
+
+def subprocess_env(devices: int) -> dict:
+  """The environment for a test's child process: `devices` CPU devices and the session's other
+  XLA flags (conftest's fast-compile flags)."""
+  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                 os.environ.get("XLA_FLAGS", ""))
+  return dict(os.environ, XLA_FLAGS=f"{flags.strip()} "
+              f"--xla_force_host_platform_device_count={devices}".strip())
 
 
 def tiny_config(data_dir=None):

@@ -31,7 +31,7 @@ def test_evaluate_on_one_device_reproduces_training_validation(tmp_path):
   config.mesh.data, config.mesh.tensor = 4, 2
   workdir = str(tmp_path / "run")
   during = trainer.train_and_evaluate(config, workdir)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = data_testutil.subprocess_env(1)
   cmd = [sys.executable, "-m", "hvlm_jax.evaluate", f"--workdir={workdir}",
          "--split=validation", "--step=latest"]
   result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -131,7 +131,7 @@ def test_bad_video_or_question_is_one_sentence(run, videos, tmp_path, args, sent
   bad = tmp_path / "notes.mp4"
   bad.write_text("not a video")
   args = [a.format(short=videos[0], not_video=bad) for a in args]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = data_testutil.subprocess_env(1)
   result = subprocess.run([sys.executable, "-m", "hvlm_jax.predict", f"--workdir={workdir}",
                            f"--out={tmp_path / 'out'}"] + args, cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)

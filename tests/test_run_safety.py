@@ -27,7 +27,7 @@ EXIT_STOPPED = 75
 
 
 def command(module, workdir, *flags, devices=8, log=None, wait=True):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env = data_testutil.subprocess_env(devices)
   cmd = [sys.executable, "-m", module, f"--workdir={workdir}", *flags]
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log or subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
@@ -179,14 +179,14 @@ def test_best_checkpoint_is_chosen_by_its_metric_and_kept_across_a_resume(tmp_pa
 def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_resumes_exactly(tmp_path):
   from test_train_processes import free_port
   flags = [f"--config={CONFIG}:data_dir={data_testutil.dataset_dir()},batch_size=8",
-           "--config.training.num_steps=30", "--config.training.checkpoint_every_steps=100",
-           "--config.mesh.data=4", "--config.mesh.fsdp=2", "--num_processes=2"]
+           "--config.training.num_steps=12", "--config.training.checkpoint_every_steps=100",
+           "--config.mesh.data=2", "--config.mesh.fsdp=2", "--num_processes=2"]
 
   def pair(workdir, tag):
     port = free_port()
     logs = [open(tmp_path / f"{tag}{i}.log", "w") for i in range(2)]
     return [command("hvlm_jax.train", workdir, *flags, f"--coordinator_address=localhost:{port}",
-                    f"--process_id={i}", devices=4, log=logs[i], wait=False)
+                    f"--process_id={i}", devices=2, log=logs[i], wait=False)
             for i in range(2)], [tmp_path / f"{tag}{i}.log" for i in range(2)]
 
   stopped = str(tmp_path / "stopped")
@@ -204,7 +204,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_resumes_exac
         p.kill()
   assert codes == [EXIT_STOPPED, EXIT_STOPPED], [log.read_text()[-2000:] for log in logs]
   (step,) = steps_of(stopped)
-  assert 2 <= step < 30
+  assert 2 <= step < 12
   for log in logs:
     assert f"Stopped at step {step} with a checkpoint" in log.read_text()
   assert not os.path.exists(os.path.join(stopped, "final_metrics.json"))
@@ -215,6 +215,6 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_resumes_exac
   straight = str(tmp_path / "straight")
   procs, logs = pair(straight, "straight")
   assert [p.wait(timeout=600) for p in procs] == [0, 0], logs[0].read_text()[-3000:]
-  for a, b in zip(jax.tree.leaves(stored_params(stopped, 30)),
-                  jax.tree.leaves(stored_params(straight, 30))):
+  for a, b in zip(jax.tree.leaves(stored_params(stopped, 12)),
+                  jax.tree.leaves(stored_params(straight, 12))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

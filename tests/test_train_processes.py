@@ -17,8 +17,7 @@ CONFIG = os.path.join(ROOT, "tests", "tiny_train_config.py")
 
 
 def launch(workdir, *flags, devices=8, log=None):
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env = data_testutil.subprocess_env(devices)
   cmd = [sys.executable, "-m", "hvlm_jax.train", f"--workdir={workdir}", *flags]
   return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log or subprocess.DEVNULL,
                           stderr=subprocess.STDOUT)
@@ -78,12 +77,13 @@ def free_port():
 def test_two_processes_train_like_one_process_with_all_devices(tmp_path):
   flags = [f"--config={CONFIG}:data_dir={data_testutil.dataset_dir()},batch_size=8",
            "--config.training.num_steps=3", "--config.training.checkpoint_every_steps=3"]
-  single = launch(str(tmp_path / "single"), *flags, "--config.mesh.data=8",
+  # Two devices per process: each device is a Gloo rank, and connecting ranks dominates.
+  single = launch(str(tmp_path / "single"), *flags, "--config.mesh.data=4", devices=4,
                   log=open(tmp_path / "single.log", "w"))
   port = free_port()
-  multi = [launch(str(tmp_path / "multi"), *flags, "--config.mesh.data=4",
+  multi = [launch(str(tmp_path / "multi"), *flags, "--config.mesh.data=2",
                   "--config.mesh.fsdp=2", f"--coordinator_address=localhost:{port}",
-                  "--num_processes=2", f"--process_id={i}", devices=4,
+                  "--num_processes=2", f"--process_id={i}", devices=2,
                   log=open(tmp_path / f"multi{i}.log", "w")) for i in range(2)]
   for p, name in [(single, "single"), (multi[0], "multi0"), (multi[1], "multi1")]:
     rc = p.wait(timeout=600)
