@@ -21,6 +21,9 @@ def get_config(arg=None):
   # Persistent compilation cache: "default" ($HVLM_COMPILATION_CACHE, else
   # ~/.cache/hvlm_jax/jax), a directory, or "off". A rerun then skips compilation.
   config.compilation_cache = "default"
+  # Traced programs (jax.export) stored beside it, so a rerun also skips tracing the model
+  # (hvlm_jax/trace_cache.py says what the key covers). Off with the compilation cache.
+  config.trace_cache = True
 
   # ----- data ---------------------------------------------------------------------------
   config.data = data = ml_collections.ConfigDict()

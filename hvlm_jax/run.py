@@ -481,6 +481,14 @@ def init_from(source: str, params, abstract, *, config=None):
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "hvlm_jax", "jax")
 
 
+def trace_cache_dir(config, cache_dir: str | None) -> str | None:
+  """`<compilation cache>/traces` (hvlm_jax.trace_cache), or None when either cache is off
+  (`config.trace_cache=False`)."""
+  if cache_dir is None or not config.get("trace_cache", True):
+    return None
+  return os.path.join(cache_dir, "traces")
+
+
 def enable_compilation_cache(config=None) -> str | None:
   """Turns on JAX's persistent compilation cache so a rerun skips compilation.
 

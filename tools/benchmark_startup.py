@@ -1,13 +1,16 @@
-"""Time to the first training step, with a cold and a warm persistent compilation cache.
+"""Time to the first training step, with cold and warm caches (compilation and trace).
 
     python tools/benchmark_startup.py --config=configs/demo.py --out=benchmarks/startup
+    python tools/benchmark_startup.py --config=configs/demo.py --notrace_cache \
+        --out=benchmarks/startup/no_trace_cache     # every start traces the model
 
 Runs `python -m hvlm_jax.train` for one step (no evaluation) `--runs` times in fresh work
 directories: the first run starts from an empty cache directory, the later ones reuse it.
 The dataset is generated before the first timing, so both runs read the same files. Reports
 for each run the time from process start to the end of the first training step (the
 trainer's "Train step compiled and run once" line; the issue's measure), with the train
-step's split into tracing, compilation or cache loading, and the first run; the wall and CPU
+step's split into tracing (or reading the trace cache), compilation or cache loading, and the
+first run; the wall and CPU
 seconds to process exit (also one checkpoint save); and their ratios to the cold run. Writes
 results.json.
 """
@@ -28,11 +31,15 @@ from absl import app, flags
 _CONFIG = flags.DEFINE_string("config", "configs/demo.py", "Config file (with :args).")
 _OUT = flags.DEFINE_string("out", "benchmarks/startup", "Output folder.")
 _RUNS = flags.DEFINE_integer("runs", 2, "Runs; the first has a cold cache.")
+_TRACE_CACHE = flags.DEFINE_bool(
+    "trace_cache", True, "config.trace_cache of the runs (false: every start traces the model, "
+    "as before the trace cache existed).")
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-_FIRST_STEP = re.compile(r"Train step compiled and run once in [\d.]+ s \(traced ([\d.]+) s, "
-                         r"compiled or loaded from the cache ([\d.]+) s, first step ([\d.]+) s\)")
+_FIRST_STEP = re.compile(r"Train step compiled and run once in [\d.]+ s \(traced or read from "
+                         r"the trace cache ([\d.]+) s, compiled or loaded from the cache "
+                         r"([\d.]+) s, first step ([\d.]+) s\)")
 
 
 def _run(workdir: str, cache: str, extra: list[str]) -> dict:
@@ -74,14 +81,16 @@ def main(argv):
     runs = []
     for i in range(_RUNS.value):
       runs.append(dict(run=i + 1, cache="cold" if i == 0 else "warm",
-                       **_run(os.path.join(scratch, f"run{i}"), cache, [])))
+                       **_run(os.path.join(scratch, f"run{i}"), cache,
+                              [f"--config.trace_cache={str(_TRACE_CACHE.value).lower()}"])))
       print(runs[-1], flush=True)
     for r in runs:
       r["first_step_ratio_to_cold"] = round(
           r["first_step_seconds"] / runs[0]["first_step_seconds"], 3)
       r["wall_ratio_to_cold"] = round(r["wall_seconds"] / runs[0]["wall_seconds"], 3)
       r["cpu_ratio_to_cold"] = round(r["cpu_seconds"] / runs[0]["cpu_seconds"], 3)
-    result = dict(config=_CONFIG.value, load_average=os.getloadavg(), runs=runs,
+    result = dict(config=_CONFIG.value, trace_cache=_TRACE_CACHE.value,
+                  load_average=os.getloadavg(), runs=runs,
                   command=" ".join(["python", "tools/benchmark_startup.py"] + sys.argv[1:]))
     os.makedirs(_OUT.value, exist_ok=True)
     with open(os.path.join(_OUT.value, "results.json"), "w") as f:

@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from hvlm_jax import data as data_lib
 from hvlm_jax import run as run_lib
 from hvlm_jax import sharding
+from hvlm_jax import trace_cache
 from hvlm_jax.checkpoint import Checkpointer, CheckpointNonFiniteError, abstract_with_shardings
 from hvlm_jax.data import segments as segments_lib
 from hvlm_jax.eval import evaluate as evaluate_lib
@@ -60,11 +61,14 @@ def total_train_steps(config, num_train_videos: int) -> int:
   return int(tr.num_epochs * steps_per_epoch)
 
 
-def create_train_state(model, tx, example_batch, mesh, rng, abstract):
+def create_train_state(model, tx, example_batch, mesh, rng, abstract, *,
+                       trace_dir: str | None = None, describe: str = ""):
   """Initialises the train state directly into its shardings (never whole on one device).
 
   `abstract`: run_lib.abstract_params(model, example_batch, mesh), computed once by the caller
-  (each call traces the model). Returns (state, state_shardings, abstract_state).
+  (each call traces the model). With `trace_dir` the initialiser is exported and stored there
+  (under `describe`), for build_training to read on the next start.
+  Returns (state, state_shardings, abstract_state).
   """
   init = run_lib.init_fn(model, example_batch)
   abstract_params, param_shardings = abstract
@@ -82,7 +86,18 @@ def create_train_state(model, tx, example_batch, mesh, rng, abstract):
       step=NamedSharding(mesh, P()), params=param_shardings,
       opt_state=sharding.follow_param_shardings(abstract_state.opt_state,
                                                 abstract_state.params, param_shardings, mesh))
-  state = jax.jit(init_state, out_shardings=state_shardings)(rng)
+  initialise = jax.jit(init_state, out_shardings=state_shardings)
+  if trace_dir and all(isinstance(s, NamedSharding) for s in jax.tree.leaves(state_shardings)):
+    try:
+      exported, out_tree = trace_cache.export(initialise, (rng,))
+    except Exception as e:  # noqa: BLE001 -- jax.export refuses some programs.
+      trace_cache.note_refused("init_state", e)
+    else:
+      specs = [s.spec for s in jax.tree.leaves(state_shardings)]
+      trace_cache.write(trace_cache.entry_path("init_state", (rng,), describe=describe,
+                                               directory=trace_dir), exported, out_tree, specs)
+      initialise = trace_cache.wrap(exported, out_tree)  # The program a warm start runs.
+  state = initialise(rng)
   return state, state_shardings, abstract_with_shardings(abstract_state, state_shardings)
 
 
@@ -98,17 +113,46 @@ class Training:
   train_step: Callable
 
 
-def build_training(config, mesh, example_batch, total_steps: int, rng) -> Training:
-  """Model, optimizer, state initialised into its shardings on `mesh`, and the train step."""
+def build_training(config, mesh, example_batch, total_steps: int, rng,
+                   trace_dir: str | None = None) -> Training:
+  """Model, optimizer, state initialised into its shardings on `mesh`, and the train step.
+
+  With `trace_dir` (hvlm_jax.trace_cache) the initialiser is the exported program, read from
+  the cache on a warm start: the model is then not traced at all to build the state.
+  """
   model = run_lib.build_model(config)
-  abstract = run_lib.abstract_params(model, example_batch, mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.flax_logical_rules()):
     schedule = state_lib.learning_rate_schedule(config, total_steps)
-    tx = state_lib.make_optimizer(config, abstract[0], total_steps)
-    state, state_shardings, abstract_state = create_train_state(
-        model, tx, example_batch, mesh, rng, abstract)
+    cached = _cached_initialiser(config, mesh, rng, total_steps, trace_dir)
+    if cached is not None:
+      init, abstract_state = cached
+      state_shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
+      tx = state_lib.make_optimizer(config, abstract_state.params, total_steps)
+      state = init(rng)
+    else:
+      abstract = run_lib.abstract_params(model, example_batch, mesh)
+      tx = state_lib.make_optimizer(config, abstract[0], total_steps)
+      state, state_shardings, abstract_state = create_train_state(
+          model, tx, example_batch, mesh, rng, abstract, trace_dir=trace_dir,
+          describe=_trace_description(config, total_steps))
   train_step = make_train_step(config, model, tx, schedule, state_shardings, mesh)
   return Training(model, tx, schedule, state, state_shardings, abstract_state, train_step)
+
+
+def _cached_initialiser(config, mesh, rng, total_steps, trace_dir):
+  """(init, abstract_state) from the trace cache, or None on a miss (or no cache)."""
+  if not trace_dir:
+    return None
+  entry = trace_cache.read(trace_cache.entry_path(
+      "init_state", (rng,), describe=_trace_description(config, total_steps),
+      directory=trace_dir))
+  if entry is None:
+    return None
+  exported, out_tree, specs = entry
+  abstract = jax.tree.unflatten(out_tree, [
+      jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, spec))
+      for a, spec in zip(exported.out_avals, specs)])
+  return trace_cache.wrap(exported, out_tree), abstract
 
 
 def make_train_step(config, model, tx, schedule, state_shardings, mesh):
@@ -149,6 +193,12 @@ def make_train_step(config, model, tx, schedule, state_shardings, mesh):
   replicated = NamedSharding(mesh, P())
   return jax.jit(train_step, in_shardings=(state_shardings, None, replicated, None),
                  out_shardings=(state_shardings, replicated), donate_argnums=0)
+
+
+def _trace_description(config, total_steps: int) -> str:
+  """What the train step's trace depends on besides the code and its arguments."""
+  return json.dumps({"config": config.to_dict(), "total_steps": total_steps}, sort_keys=True,
+                    default=repr)
 
 
 def merging_controls(config, step: int) -> tuple[float, np.ndarray | None]:
@@ -277,6 +327,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   cache_dir = run_lib.enable_compilation_cache(config)
+  trace_dir = run_lib.trace_cache_dir(config, cache_dir)
   logging.info("Run directory: %s", workdir)
   logging.info("Devices: %d (%d local) on %d process(es): %s; compilation cache: %s",
                jax.device_count(), jax.local_device_count(), jax.process_count(),
@@ -310,7 +361,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # ----- model and sharded state ---------------------------------------------------------
   rng = jax.random.key(config.seed)
   example = {k: v[:data_parallel] for k, v in first_batch.items()}
-  run = build_training(config, mesh, example, total_steps, rng)
+  run = build_training(config, mesh, example, total_steps, rng, trace_dir=trace_dir)
   model, state, abstract_state = run.model, run.state, run.abstract_state
   steps_by_ratio = {merging_controls(config, total_steps)[0]: run.train_step}
   if is_main:
@@ -408,8 +459,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           logging.info("Compiling the train step%s ...", f" (merging ratio {ratio})"
                        if merge_weights is not None else "")
           t_compile = time.perf_counter()
-          # Compiled ahead of the call: the same executable runs and reports its FLOPs.
-          lowered = steps_by_ratio[ratio].lower(state, batch, train_rng, merge_weights)
+          # Compiled ahead of the call: the same executable runs and reports its FLOPs. A warm
+          # start reads the traced program from the trace cache instead of tracing the model.
+          lowered = trace_cache.lower(
+              "train_step", steps_by_ratio[ratio], (state, batch, train_rng, merge_weights),
+              describe=_trace_description(with_compression_ratio(config, ratio), total_steps),
+              directory=trace_dir, donate_argnums=(0,))
           t_lowered = time.perf_counter()
           steps_by_ratio[ratio] = lowered.compile()
           t_compiled = time.perf_counter()
@@ -425,10 +480,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           compiled.add(ratio)
           writer.exclude(seconds)
           writer.write_scalars(step + 1, {"compile_seconds": seconds}, prefix="perf/")
-          # Tracing and the first run are paid with a warm compilation cache too; only the
-          # middle part is compilation (or loading it from the cache).
-          logging.info("Train step compiled and run once in %.1f s (traced %.1f s, compiled or "
-                       "loaded from the cache %.1f s, first step %.1f s); %.3g FLOPs per step "
+          # The first run is paid with warm caches too; tracing is replaced by reading the
+          # trace cache, compilation by loading the executable from the compilation cache.
+          logging.info("Train step compiled and run once in %.1f s (traced or read from the "
+                       "trace cache %.1f s, compiled or loaded from the cache %.1f s, first "
+                       "step %.1f s); %.3g FLOPs per step "
                        "(%s count); peak per device: %s.", seconds, t_lowered - t_compile,
                        t_compiled - t_lowered, t_compile + seconds - t_compiled, step_flops,
                        flops_source,
