@@ -15,13 +15,12 @@
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
 from hvlm_jax.models.attention.sparse import NEG, neighbour_blocks, pad_axis, to_blocks
 
@@ -127,47 +126,62 @@ def local_global_dense(q, k, v, bias=None, *, window: int, global_idx=None, glob
   return y
 
 
-class PatternMask(masks._ComputableMask):  # noqa: SLF001 (splash's in-kernel mask base)
-  """A splash mask computed from (query, key) token indices, on the host for the block map
-  and inside the kernel, so no N x N array is stored. `kind`:
-    "full":         every key (with `causal`, keys <= query).
-    "local_global": keys in the query's block of `window` and its neighbours, keys and
-                    queries of frame-global tokens (the first `num_global` of every
-                    `tokens_per_frame`, below `n`) everywhere: `local_global_attention`.
-    "strided":      keys with the query's residue mod `stride`, and (with `local`) its own
-                    block of `stride` keys: `strided_attention`.
-  """
+@functools.lru_cache(maxsize=None)
+def _splash_modules():
+  """(splash kernel module, splash mask module, PatternMask), imported on first use: Pallas's
+  TPU modules take 0.2-0.4 s to import, paid by every start that never runs splash."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
-  def __init__(self, shape: tuple[int, int], kind: str, *, causal: bool = False,
-               window: int = 0, tokens_per_frame: int = 1, num_global: int = 0, n: int = 0,
-               stride: int = 1, local: bool = True):
-    self.params = (kind, causal, window, tokens_per_frame, num_global, n, stride, local)
+  class PatternMask(masks._ComputableMask):  # noqa: SLF001 (splash's in-kernel mask base)
+    """A splash mask computed from (query, key) token indices, on the host for the block map
+    and inside the kernel, so no N x N array is stored. `kind`:
+      "full":         every key (with `causal`, keys <= query).
+      "local_global": keys in the query's block of `window` and its neighbours, keys and
+                      queries of frame-global tokens (the first `num_global` of every
+                      `tokens_per_frame`, below `n`) everywhere: `local_global_attention`.
+      "strided":      keys with the query's residue mod `stride`, and (with `local`) its own
+                      block of `stride` keys: `strided_attention`.
+    """
 
-    def is_global(x):
-      return (x % tokens_per_frame < num_global) & (x < n)
+    def __init__(self, shape: tuple[int, int], kind: str, *, causal: bool = False,
+                 window: int = 0, tokens_per_frame: int = 1, num_global: int = 0, n: int = 0,
+                 stride: int = 1, local: bool = True):
+      self.params = (kind, causal, window, tokens_per_frame, num_global, n, stride, local)
 
-    def mask_function(q, kv):
-      if kind == "full":
-        allowed = (q >= 0) & (kv >= 0)
-      elif kind == "local_global":
-        near = (kv // window - q // window <= 1) & (q // window - kv // window <= 1)
-        allowed = near | is_global(kv) | is_global(q)
-      elif kind == "strided":
-        allowed = kv % stride == q % stride
-        if local:
-          allowed = allowed | (kv // stride == q // stride)
-      else:
-        raise ValueError(f"Unknown splash mask kind {kind!r}.")
-      return allowed & (kv <= q) if causal else allowed
+      def is_global(x):
+        return (x % tokens_per_frame < num_global) & (x < n)
 
-    super().__init__(shape, mask_function)
+      def mask_function(q, kv):
+        if kind == "full":
+          allowed = (q >= 0) & (kv >= 0)
+        elif kind == "local_global":
+          near = (kv // window - q // window <= 1) & (q // window - kv // window <= 1)
+          allowed = near | is_global(kv) | is_global(q)
+        elif kind == "strided":
+          allowed = kv % stride == q % stride
+          if local:
+            allowed = allowed | (kv // stride == q // stride)
+        else:
+          raise ValueError(f"Unknown splash mask kind {kind!r}.")
+        return allowed & (kv <= q) if causal else allowed
 
-  def __eq__(self, other):
-    return (type(self) is type(other) and self.shape == other.shape
-            and self.params == other.params)
+      super().__init__(shape, mask_function)
 
-  def __hash__(self):
-    return hash((type(self), self.shape, self.params))
+    def __eq__(self, other):
+      return (type(self) is type(other) and self.shape == other.shape
+              and self.params == other.params)
+
+    def __hash__(self):
+      return hash((type(self), self.shape, self.params))
+
+  return splash, masks, PatternMask
+
+
+def __getattr__(name):  # kernels.PatternMask, without importing Pallas at import time.
+  if name == "PatternMask":
+    return _splash_modules()[2]
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def splash_attention(q, k, v, kind: str, *, interpret: bool | None = None,
@@ -181,6 +195,7 @@ def splash_attention(q, k, v, kind: str, *, interpret: bool | None = None,
   Returns:
     (B, N, H, Dh) in q's dtype. Time O(touched blocks * 128^2 Dh), memory O(N Dh) per head.
   """
+  splash, masks, PatternMask = _splash_modules()  # noqa: N806 (a class)
   b, n, h, dh = q.shape
   n_pad = math.ceil(n / 128) * 128
   block = next(s for s in (512, 256, 128) if n_pad % s == 0)
