@@ -67,11 +67,17 @@ def source_fingerprint() -> str:
 
 
 def _sharding_description(sharding) -> str:
+  """Equal for equivalent shardings: P('x', None) and P('x',) (a restored checkpoint's form)
+  describe the same placement."""
   mesh = getattr(sharding, "mesh", None)
-  devices = (np.vectorize(lambda d: d.id, otypes=[int])(mesh.devices).tolist()
-             if mesh is not None and hasattr(mesh, "devices")
-             else sorted(d.id for d in sharding.device_set))
-  return f"{sharding!r} devices={devices}"
+  if isinstance(sharding, jax.sharding.NamedSharding) and hasattr(mesh, "devices"):
+    spec = list(sharding.spec)
+    while spec and spec[-1] is None:
+      spec.pop()
+    devices = np.vectorize(lambda d: d.id, otypes=[int])(mesh.devices).tolist()
+    return (f"named {dict(mesh.shape)} {tuple(spec)} {sharding.memory_kind} "
+            f"devices={devices}")
+  return f"{sharding!r} devices={sorted(d.id for d in sharding.device_set)}"
 
 
 def _placement(leaf):

@@ -1,7 +1,7 @@
 """hvlm_jax.trace_cache: a hit runs the stored program without tracing, with results equal to
 the plain jit; the key separates shapes, descriptions and code; a damaged file is a miss that is
-rewritten; a program jax.export refuses is traced as usual; the trainer's second start traces
-neither the initialiser nor the train step and trains the same parameters."""
+rewritten; a program jax.export refuses is traced as usual. (The trainer's later starts
+tracing no model code, with the same parameters: tests/test_train.py, resumed run.)"""
 import glob
 import os
 
@@ -130,39 +130,17 @@ def test_no_directory_is_the_plain_jit():
   assert "call_exported" not in lowered.as_text() and len(traces) == 1
 
 
-def test_trainer_second_start_traces_neither_the_initialiser_nor_the_step(tmp_path, monkeypatch):
-  from hvlm_jax import run as run_lib
-  from hvlm_jax.models import model as model_lib
-  from hvlm_jax.train import trainer
-  from test_run_safety import stored_params
-  from test_train import train_config
 
-  traces = tmp_path / "traces"  # This test's own entries; compilation uses the session cache.
-  monkeypatch.setattr(run_lib, "trace_cache_dir", lambda config, cache_dir: str(traces))
-  counts = {"model_traces": 0, "loss_traces": 0}
-  real_abstract, real_losses = run_lib.abstract_params, model_lib.compute_losses
+def test_equivalent_shardings_share_a_key_and_different_ones_do_not(tmp_path):
+  # A checkpoint restores P('data', None) as P('data',): the same placement, the same entry.
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  x = jnp.zeros((jax.device_count(), 3))
 
-  def counting_abstract(*a, **k):
-    counts["model_traces"] += 1
-    return real_abstract(*a, **k)
+  def path(spec):
+    return trace_cache.entry_path("f", (jax.device_put(x, NamedSharding(mesh, spec)),),
+                                  describe="d", directory=str(tmp_path))
 
-  def counting_losses(*a, **k):
-    counts["loss_traces"] += 1
-    return real_losses(*a, **k)
-
-  monkeypatch.setattr(run_lib, "abstract_params", counting_abstract)
-  monkeypatch.setattr(model_lib, "compute_losses", counting_losses)
-  workdirs = [str(tmp_path / f"run{i}") for i in range(2)]
-  seen = []
-  for workdir in workdirs:
-    config = train_config(num_steps=1, eval_every_steps=0, checkpoint_every_steps=1)
-    config.mesh.data, config.mesh.tensor = 4, 2  # Sharded state: the specs come back too.
-    trainer.train_and_evaluate(config, workdir)
-    seen.append(dict(counts))
-  assert seen[0]["model_traces"] >= 1 and seen[0]["loss_traces"] >= 1  # The first start traced,
-  assert seen[1] == seen[0]  # the second did not trace the model at all.
-  assert sorted(os.path.basename(p).split("-")[0] for p in traces.iterdir()) == [
-      "init_state", "train_step"]
-  for a, b in zip(jax.tree.leaves(stored_params(workdirs[0], 1)),
-                  jax.tree.leaves(stored_params(workdirs[1], 1))):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert path(P("data", None)) == path(P("data"))
+  assert path(P(None, None)) == path(P())
+  assert path(P("data")) != path(P())

@@ -14,6 +14,7 @@ from hvlm_jax import config as config_lib
 from hvlm_jax import data as data_lib
 from hvlm_jax import run as run_lib
 from hvlm_jax import sharding
+from hvlm_jax.models import model as model_lib
 from hvlm_jax.train import trainer
 from hvlm_jax.checkpoint import Checkpointer
 from hvlm_jax.train.metric_writer import read_scalars
@@ -133,13 +134,27 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous(single_and_shard
   assert os.path.isdir(tmp_path / "checkpoints" / "2")  # Kept, never deleted.
 
 
-def test_resumed_run_equals_uninterrupted_run(tmp_path):
+def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
+  # Three starts of one config: the trace cache (its own directory here) makes the second and
+  # third trace no model code at all; the bitwise checks below then cover its programs too.
+  traces = tmp_path / "traces"
+  monkeypatch.setattr(run_lib, "trace_cache_dir", lambda config, cache_dir: str(traces))
+  counts = {"abstract_params": 0, "compute_losses": 0}
+  for module, name in ((run_lib, "abstract_params"), (model_lib, "compute_losses")):
+    def counting(*a, _real=getattr(module, name), _name=name, **k):
+      counts[_name] += 1
+      return _real(*a, **k)
+    monkeypatch.setattr(module, name, counting)
+
   config = train_config()
   config.mesh.data, config.mesh.tensor = 4, 2
   trainer.train_and_evaluate(config, str(tmp_path / "straight"))
+  first = dict(counts)
   trainer.train_and_evaluate(config, str(tmp_path / "resumed"), stop_at_step=2)
   assert Checkpointer(str(tmp_path / "resumed")).all_steps() == [2]
   trainer.train_and_evaluate(config, str(tmp_path / "resumed"))
+  assert first["abstract_params"] >= 1 and first["compute_losses"] >= 1 and counts == first
+  assert sorted(p.name.split("-")[0] for p in traces.iterdir()) == ["init_state", "train_step"]
 
   straight = Checkpointer(str(tmp_path / "straight"), read_only=True)
   resumed = Checkpointer(str(tmp_path / "resumed"), read_only=True)
