@@ -123,7 +123,10 @@ def build_training(config, mesh, example_batch, total_steps: int, rng,
   model = run_lib.build_model(config)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.flax_logical_rules()):
     schedule = state_lib.learning_rate_schedule(config, total_steps)
-    cached = _cached_initialiser(config, mesh, rng, total_steps, trace_dir)
+    # The initialiser's trace also depends on the example batch's shapes (model.init).
+    describe = _trace_description(config, total_steps) + json.dumps(sorted(
+        (k, list(np.shape(v)), str(np.asarray(v).dtype)) for k, v in example_batch.items()))
+    cached = _cached_initialiser(mesh, rng, describe, trace_dir)
     if cached is not None:
       init, abstract_state = cached
       state_shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
@@ -134,18 +137,17 @@ def build_training(config, mesh, example_batch, total_steps: int, rng,
       tx = state_lib.make_optimizer(config, abstract[0], total_steps)
       state, state_shardings, abstract_state = create_train_state(
           model, tx, example_batch, mesh, rng, abstract, trace_dir=trace_dir,
-          describe=_trace_description(config, total_steps))
+          describe=describe)
   train_step = make_train_step(config, model, tx, schedule, state_shardings, mesh)
   return Training(model, tx, schedule, state, state_shardings, abstract_state, train_step)
 
 
-def _cached_initialiser(config, mesh, rng, total_steps, trace_dir):
+def _cached_initialiser(mesh, rng, describe: str, trace_dir):
   """(init, abstract_state) from the trace cache, or None on a miss (or no cache)."""
   if not trace_dir:
     return None
-  entry = trace_cache.read(trace_cache.entry_path(
-      "init_state", (rng,), describe=_trace_description(config, total_steps),
-      directory=trace_dir))
+  entry = trace_cache.read(trace_cache.entry_path("init_state", (rng,), describe=describe,
+                                                  directory=trace_dir))
   if entry is None:
     return None
   exported, out_tree, specs = entry
