@@ -138,10 +138,15 @@ def write(path: str, exported, out_tree, extra=None) -> None:
     blob = pickle.dumps({"format": _FORMAT, "exported": bytes(exported.serialize()),
                          "out_tree": out_tree, "extra": extra})
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+  except OSError as e:  # A read-only cache directory: the run goes on.
+    logging.warning("Trace cache: could not write %s (%s).", path, e)
+    return
+  try:
     with os.fdopen(fd, "wb") as f:
       f.write(blob)
     os.replace(tmp, path)
-  except OSError as e:  # A read-only or full cache directory: the run goes on.
+  except OSError as e:  # A full disk: no half file is left behind.
+    os.unlink(tmp)
     logging.warning("Trace cache: could not write %s (%s).", path, e)
 
 
@@ -183,6 +188,18 @@ def note_refused(name: str, error: Exception) -> None:
                  name, str(error).splitlines()[0] if str(error) else type(error).__name__)
 
 
+def export_and_store(name: str, jitted, args: tuple, path: str, extra=None):
+  """(exported, out_tree) of `jitted` on `args`, stored at `path` with `extra`; None (logged
+  once) when jax.export refuses the program, which is then traced as usual."""
+  try:
+    exported, out_tree = export(jitted, args)
+  except Exception as e:  # noqa: BLE001 -- jax.export refuses some programs.
+    note_refused(name, e)
+    return None
+  write(path, exported, out_tree, extra)
+  return exported, out_tree
+
+
 def lower(name: str, jitted, args: tuple, *, describe: str, directory: str | None,
           donate_argnums: tuple[int, ...] = ()):
   """`jitted.lower(*args)`, from the trace cache in `directory` when it holds this program.
@@ -196,12 +213,8 @@ def lower(name: str, jitted, args: tuple, *, describe: str, directory: str | Non
   path = entry_path(name, args, describe=describe, directory=directory)
   entry = read(path)
   if entry is None:
-    try:
-      exported, out_tree = export(jitted, args)
-    except Exception as e:  # noqa: BLE001 -- jax.export refuses some programs: trace as usual.
-      note_refused(name, e)
+    entry = export_and_store(name, jitted, args, path)
+    if entry is None:
       return jitted.lower(*args)
-    write(path, exported, out_tree)
-  else:
-    exported, out_tree, _ = entry
+  exported, out_tree = entry[:2]
   return wrap(exported, out_tree, donate_argnums).lower(*args)

@@ -144,3 +144,18 @@ def test_equivalent_shardings_share_a_key_and_different_ones_do_not(tmp_path):
   assert path(P("data", None)) == path(P("data"))
   assert path(P(None, None)) == path(P())
   assert path(P("data")) != path(P())
+
+
+def test_a_failed_write_leaves_no_file_and_the_run_goes_on(tmp_path, monkeypatch):
+  step, _, args = _step_and_args()
+  expected = jax.jit(step)(*_fresh(args))
+
+  def full_disk(src, dst):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(os, "replace", full_disk)
+  got = trace_cache.lower("step", jax.jit(step), _fresh(args), describe="d",
+                          directory=str(tmp_path)).compile()(*_fresh(args))
+  assert os.listdir(tmp_path) == []  # Neither the entry nor a temporary file.
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -88,15 +88,12 @@ def create_train_state(model, tx, example_batch, mesh, rng, abstract, *,
                                                 abstract_state.params, param_shardings, mesh))
   initialise = jax.jit(init_state, out_shardings=state_shardings)
   if trace_dir and all(isinstance(s, NamedSharding) for s in jax.tree.leaves(state_shardings)):
-    try:
-      exported, out_tree = trace_cache.export(initialise, (rng,))
-    except Exception as e:  # noqa: BLE001 -- jax.export refuses some programs.
-      trace_cache.note_refused("init_state", e)
-    else:
-      specs = [s.spec for s in jax.tree.leaves(state_shardings)]
-      trace_cache.write(trace_cache.entry_path("init_state", (rng,), describe=describe,
-                                               directory=trace_dir), exported, out_tree, specs)
-      initialise = trace_cache.wrap(exported, out_tree)  # The program a warm start runs.
+    entry = trace_cache.export_and_store(
+        "init_state", initialise, (rng,),
+        trace_cache.entry_path("init_state", (rng,), describe=describe, directory=trace_dir),
+        extra=[s.spec for s in jax.tree.leaves(state_shardings)])
+    if entry is not None:
+      initialise = trace_cache.wrap(*entry)  # The program a warm start runs.
   state = initialise(rng)
   return state, state_shardings, abstract_with_shardings(abstract_state, state_shardings)
 
