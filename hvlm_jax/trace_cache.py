@@ -81,7 +81,11 @@ def _sharding_description(sharding) -> str:
 
 
 def _placement(leaf):
-  """The leaf's sharding if it is committed to it, else None (jit may place it anywhere)."""
+  """The leaf's sharding if it is committed to it, else None (jit may place it anywhere). A
+  ShapeDtypeStruct's sharding is what the program is compiled for: the same as an array
+  committed to it."""
+  if isinstance(leaf, jax.ShapeDtypeStruct):
+    return leaf.sharding
   return getattr(leaf, "sharding", None) if getattr(leaf, "committed", False) else None
 
 

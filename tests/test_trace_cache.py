@@ -1,7 +1,8 @@
 """hvlm_jax.trace_cache: a hit runs the stored program without tracing, with results equal to
 the plain jit; the key separates shapes, descriptions and code; a damaged file is a miss that is
 rewritten; a program jax.export refuses is traced as usual. (The trainer's later starts
-tracing no model code, with the same parameters: tests/test_train.py, resumed run.)"""
+tracing no model code, with the same parameters: tests/test_train.py, resumed run; its first
+train step loaded ahead in a background thread: below.)"""
 import glob
 import os
 
@@ -144,6 +145,48 @@ def test_equivalent_shardings_share_a_key_and_different_ones_do_not(tmp_path):
   assert path(P("data", None)) == path(P("data"))
   assert path(P(None, None)) == path(P())
   assert path(P("data")) != path(P())
+  # An abstract argument is compiled for its sharding: the key of an array committed to it.
+  abstract = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P("data")))
+  assert trace_cache.entry_path("f", (abstract,), describe="d",
+                                directory=str(tmp_path)) == path(P("data"))
+  assert trace_cache.entry_path("f", (jax.ShapeDtypeStruct(x.shape, x.dtype),), describe="d",
+                                directory=str(tmp_path)) == trace_cache.entry_path(
+                                    "f", (x,), describe="d", directory=str(tmp_path))
+
+
+def test_train_step_loaded_ahead_is_taken_only_for_its_key(tmp_path):
+  # The trainer loads the first train step in a background thread from predicted (abstract)
+  # arguments; the loop takes it only for arguments with the same key.
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from hvlm_jax.train import trainer
+  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  step, traces, (state, _, rng, _) = _step_and_args()
+  batch = {"x": jax.device_put(jnp.linspace(0.0, 1.0, 4 * jax.device_count()).reshape(-1, 4),
+                               NamedSharding(mesh, P("data")))}
+  predicted = {"x": jax.ShapeDtypeStruct(batch["x"].shape, batch["x"].dtype,
+                                         sharding=batch["x"].sharding)}
+  args = (state, batch, rng, None)
+  expected = jax.jit(step)(*_fresh(args))
+  directory = str(tmp_path)
+
+  ahead = trainer._StepAhead((state, predicted, rng, None), "d", directory, mesh)
+  assert ahead.future is None and not ahead.matches(args, "d")  # No entry: nothing started.
+  trace_cache.lower("train_step", jax.jit(step, donate_argnums=0), _fresh(args), describe="d",
+                    directory=directory)  # A cold start stores the entry.
+  del traces[:]
+  ahead = trainer._StepAhead((state, predicted, rng, None), "d", directory, mesh)
+  assert ahead.matches(args, "d")
+  assert not ahead.matches(args, "other config")
+  assert not ahead.matches((state, {"x": batch["x"][:, :2]}, rng, None), "d")
+  got = ahead.result()(*_fresh(args))
+  assert traces == []  # Read from the trace cache, never traced.
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+  with open(ahead.path, "wb") as f:  # Damaged after the check: no executable, no crash.
+    f.write(b"garbage")
+  assert trainer._StepAhead((state, predicted, rng, None), "d", directory, mesh).result() is None
 
 
 def test_a_failed_write_leaves_no_file_and_the_run_goes_on(tmp_path, monkeypatch):

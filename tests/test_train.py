@@ -136,7 +136,8 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous(single_and_shard
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
   # Three starts of one config: the trace cache (its own directory here) makes the second and
-  # third trace no model code at all; the bitwise checks below then cover its programs too.
+  # third trace no model code at all, and load their first train step in a background thread;
+  # the bitwise checks below then cover these programs too.
   traces = tmp_path / "traces"
   monkeypatch.setattr(run_lib, "trace_cache_dir", lambda config, cache_dir: str(traces))
   counts = {"abstract_params": 0, "compute_losses": 0}
@@ -145,6 +146,9 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
       counts[_name] += 1
       return _real(*a, **k)
     monkeypatch.setattr(module, name, counting)
+  ahead = []  # Starts whose first train step was loaded by the background thread.
+  monkeypatch.setattr(trainer._StepAhead, "result",
+                      lambda self, _real=trainer._StepAhead.result: ahead.append(1) or _real(self))
 
   config = train_config()
   config.mesh.data, config.mesh.tensor = 4, 2
@@ -154,6 +158,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
   assert Checkpointer(str(tmp_path / "resumed")).all_steps() == [2]
   trainer.train_and_evaluate(config, str(tmp_path / "resumed"))
   assert first["abstract_params"] >= 1 and first["compute_losses"] >= 1 and counts == first
+  assert len(ahead) == 2  # The second and third starts, predicted right.
   assert sorted(p.name.split("-")[0] for p in traces.iterdir()) == ["init_state", "train_step"]
 
   straight = Checkpointer(str(tmp_path / "straight"), read_only=True)

@@ -6,6 +6,7 @@ update step, checkpoint / resume, evaluation, loop. One `jax.jit` train step ove
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -61,14 +62,15 @@ def total_train_steps(config, num_train_videos: int) -> int:
   return int(tr.num_epochs * steps_per_epoch)
 
 
-def create_train_state(model, tx, example_batch, mesh, rng, abstract, *,
-                       trace_dir: str | None = None, describe: str = ""):
-  """Initialises the train state directly into its shardings (never whole on one device).
+def train_state_initialiser(model, tx, example_batch, mesh, rng, abstract, *,
+                            trace_dir: str | None = None, describe: str = ""):
+  """The jitted initialiser of the train state, writing it directly into its shardings (never
+  whole on one device).
 
   `abstract`: run_lib.abstract_params(model, example_batch, mesh), computed once by the caller
   (each call traces the model). With `trace_dir` the initialiser is exported and stored there
   (under `describe`), for build_training to read on the next start.
-  Returns (state, state_shardings, abstract_state).
+  Returns (initialise, state_shardings, abstract_state); `initialise(rng)` gives the state.
   """
   init = run_lib.init_fn(model, example_batch)
   abstract_params, param_shardings = abstract
@@ -94,8 +96,7 @@ def create_train_state(model, tx, example_batch, mesh, rng, abstract, *,
         extra=[s.spec for s in jax.tree.leaves(state_shardings)])
     if entry is not None:
       initialise = trace_cache.wrap(*entry)  # The program a warm start runs.
-  state = initialise(rng)
-  return state, state_shardings, abstract_with_shardings(abstract_state, state_shardings)
+  return initialise, state_shardings, abstract_with_shardings(abstract_state, state_shardings)
 
 
 @dataclasses.dataclass
@@ -104,18 +105,24 @@ class Training:
   model: model_lib.HierarchicalVLM
   tx: Any
   schedule: Any
-  state: state_lib.TrainState
+  state: state_lib.TrainState | None  # None with build_training(..., initialise=False).
   state_shardings: state_lib.TrainState
-  abstract_state: state_lib.TrainState
+  abstract_state: state_lib.TrainState  # ShapeDtypeStructs with the state's shardings.
   train_step: Callable
+  init_lowered: jax.stages.Lowered  # The initialiser on `rng`: .compile()(rng) is the state.
 
 
 def build_training(config, mesh, example_batch, total_steps: int, rng,
-                   trace_dir: str | None = None) -> Training:
+                   trace_dir: str | None = None, initialise: bool = True,
+                   on_abstract_state: Callable | None = None) -> Training:
   """Model, optimizer, state initialised into its shardings on `mesh`, and the train step.
 
   With `trace_dir` (hvlm_jax.trace_cache) the initialiser is the exported program, read from
   the cache on a warm start: the model is then not traced at all to build the state.
+  `initialise=False` leaves `state` None: the caller compiles `init_lowered` when (and if) it
+  needs the initial state, e.g. in a background thread (train_and_evaluate).
+  `on_abstract_state(abstract_state)` is called as soon as the state's shapes and shardings are
+  known (before the initialiser is lowered).
   """
   model = run_lib.build_model(config)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.flax_logical_rules()):
@@ -128,15 +135,19 @@ def build_training(config, mesh, example_batch, total_steps: int, rng,
       init, abstract_state = cached
       state_shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
       tx = state_lib.make_optimizer(config, abstract_state.params, total_steps)
-      state = init(rng)
     else:
       abstract = run_lib.abstract_params(model, example_batch, mesh)
       tx = state_lib.make_optimizer(config, abstract[0], total_steps)
-      state, state_shardings, abstract_state = create_train_state(
+      init, state_shardings, abstract_state = train_state_initialiser(
           model, tx, example_batch, mesh, rng, abstract, trace_dir=trace_dir,
           describe=describe)
+    if on_abstract_state is not None:
+      on_abstract_state(abstract_state)
+    init_lowered = init.lower(rng)
+  state = init_lowered.compile()(rng) if initialise else None
   train_step = make_train_step(config, model, tx, schedule, state_shardings, mesh)
-  return Training(model, tx, schedule, state, state_shardings, abstract_state, train_step)
+  return Training(model, tx, schedule, state, state_shardings, abstract_state, train_step,
+                  init_lowered)
 
 
 def _cached_initialiser(mesh, rng, describe: str, trace_dir):
@@ -360,19 +371,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # ----- model and sharded state ---------------------------------------------------------
   rng = jax.random.key(config.seed)
   example = {k: v[:data_parallel] for k, v in first_batch.items()}
-  run = build_training(config, mesh, example, total_steps, rng, trace_dir=trace_dir)
-  model, state, abstract_state = run.model, run.state, run.abstract_state
+  train_rng = jax.random.fold_in(rng, 1)
+  # A warm start loads the first train step's executable in a background thread while the
+  # initialiser, the checkpoint and the first batch are prepared.
+  ahead = []
+  first_ratio, first_weights = merging_controls(config, 0)
+  predicted_batch = {k: jax.ShapeDtypeStruct((config.data.batch_size, *np.shape(v)[1:]),
+                                             np.asarray(v).dtype,
+                                             sharding=sharding.batch_sharding(mesh, np.ndim(v)))
+                     for k, v in first_batch.items()}
+
+  def load_step_ahead(abstract):
+    if first_ratio == merging_controls(config, total_steps)[0]:  # run.train_step's ratio.
+      ahead.append(_StepAhead((abstract, predicted_batch, train_rng, first_weights),
+                              _trace_description(with_compression_ratio(config, first_ratio),
+                                                 total_steps), trace_dir, mesh))
+
+  run = build_training(config, mesh, example, total_steps, rng, trace_dir=trace_dir,
+                       initialise=False, on_abstract_state=load_step_ahead if trace_dir else None)
+  model, abstract_state = run.model, run.abstract_state
   steps_by_ratio = {merging_controls(config, total_steps)[0]: run.train_step}
   if is_main:
-    overview = parameter_overview(state.params)
+    overview = parameter_overview(abstract_state.params)
     with open(os.path.join(workdir, "parameters.txt"), "w") as f:
       f.write(overview + "\n")
     logging.info("Parameters per module (all in %s/parameters.txt):\n%s", workdir,
-                 module_overview(state.params))
-    mask = lora.trainable_mask(state.params, state_lib.finetune_mode(config))
+                 module_overview(abstract_state.params))
+    mask = lora.trainable_mask(abstract_state.params, state_lib.finetune_mode(config))
     logging.info("Trainable parameters: %s of %s (training.finetune=%r)",
-                 f"{lora.count_parameters(state.params, mask):,}",
-                 f"{lora.count_parameters(state.params):,}",
+                 f"{lora.count_parameters(abstract_state.params, mask):,}",
+                 f"{lora.count_parameters(abstract_state.params):,}",
                  config.training.get("finetune", "full"))
 
   # ----- checkpoint / resume -------------------------------------------------------------
@@ -387,16 +415,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     ckpt.quarantine(bad_step, reason)
   if is_main:
     _write_json(run_lib.config_path(workdir), config.to_dict())
+  initial = None  # A fresh run's initial state, made at the first step.
   if restored is not None:
     state = restored
     logging.info("Resumed from %s/%d.", ckpt.directory, step)
-  elif config.get("init_from"):
-    params, report = run_lib.init_from(config.init_from, state.params, abstract_state.params,
-                                       config=config)
-    state = state.replace(params=params)
-    if is_main:
-      _write_json(os.path.join(workdir, "init_report.json"), report)
-  start_step = int(state.step)
+  else:
+    # The initialiser's executable is compiled (or loaded from the compilation cache) in a
+    # background thread while the train step's is on this one: XLA releases the GIL. A
+    # resumed run never loads it.
+    initial = _in_background(run.init_lowered.compile)
+    state = None
+    if config.get("init_from"):  # Now: a bad pretrained file is reported before compiling.
+      state = initial.result()(rng)
+      params, report = run_lib.init_from(config.init_from, state.params, abstract_state.params,
+                                         config=config)
+      state = state.replace(params=params)
+      if is_main:
+        _write_json(os.path.join(workdir, "init_report.json"), report)
+  start_step = int(state.step) if state is not None else 0
 
   # ----- evaluation ----------------------------------------------------------------------
   # A few fixed validation videos are drawn at each evaluation (TensorBoard images).
@@ -433,7 +469,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   compiled = set()  # Merging ratios whose train step has been compiled.
   stop = _StopSignal(ckpt.manager)
   nonfinite = _NonfiniteGuard(config)
-  train_rng = jax.random.fold_in(rng, 1)
   eval_scalars, step = {}, start_step
   pending = []
   logging.info("Training steps %d -> %d.", start_step, total_steps)
@@ -458,15 +493,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           logging.info("Compiling the train step%s ...", f" (merging ratio {ratio})"
                        if merge_weights is not None else "")
           t_compile = time.perf_counter()
-          # Compiled ahead of the call: the same executable runs and reports its FLOPs. A warm
+          # Compiled before the call: the same executable runs and reports its FLOPs. A warm
           # start reads the traced program from the trace cache instead of tracing the model.
-          lowered = trace_cache.lower(
-              "train_step", steps_by_ratio[ratio], (state, batch, train_rng, merge_weights),
-              describe=_trace_description(with_compression_ratio(config, ratio), total_steps),
-              directory=trace_dir, donate_argnums=(0,))
-          t_lowered = time.perf_counter()
-          steps_by_ratio[ratio] = lowered.compile()
+          # On the abstract state: a fresh run's initial state may still be loading.
+          args = (abstract_state, batch, train_rng, merge_weights)
+          describe = _trace_description(with_compression_ratio(config, ratio), total_steps)
+          loading, compiled_step = ahead.pop() if ahead else None, None
+          if loading is not None and loading.matches(args, describe):
+            t_lowered = time.perf_counter()
+            compiled_step = loading.result()  # None if the entry turned out unreadable.
+          from_background = compiled_step is not None
+          if compiled_step is None:
+            lowered = trace_cache.lower("train_step", steps_by_ratio[ratio], args,
+                                        describe=describe, directory=trace_dir,
+                                        donate_argnums=(0,))
+            t_lowered = time.perf_counter()
+            compiled_step = lowered.compile()
+          steps_by_ratio[ratio] = compiled_step
           t_compiled = time.perf_counter()
+          if state is None:  # The background thread's initialiser, run once.
+            state = initial.result()(rng)
+          t_state = time.perf_counter()
           step_flops, flops_source = perf_lib.train_step_flops(
               steps_by_ratio[ratio], config, config.data.batch_size)
           wait_for_all_processes(f"train_step_compiled_{ratio}")
@@ -482,10 +529,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           # The first run is paid with warm caches too; tracing is replaced by reading the
           # trace cache, compilation by loading the executable from the compilation cache.
           logging.info("Train step compiled and run once in %.1f s (traced or read from the "
-                       "trace cache %.1f s, compiled or loaded from the cache %.1f s, first "
-                       "step %.1f s); %.3g FLOPs per step "
+                       "trace cache %.1f s, compiled or loaded from the cache %.1f s, waiting "
+                       "for the initial state %.1f s, first step %.1f s)%s; %.3g FLOPs per step "
                        "(%s count); peak per device: %s.", seconds, t_lowered - t_compile,
-                       t_compiled - t_lowered, t_compile + seconds - t_compiled, step_flops,
+                       t_compiled - t_lowered, t_state - t_compiled,
+                       t_compile + seconds - t_state,
+                       "" if not from_background else ", its executable read and loaded by a "
+                       "background thread since the start (waited for here)",
+                       step_flops,
                        flops_source,
                        f"{peak:.3g} FLOP/s" if peak else
                        "unknown (set training.peak_flops for perf/mfu)")
@@ -547,6 +598,49 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                  "hvlm_jax.predict --workdir=%s VIDEO.mp4", step, workdir,
                  os.path.join(workdir, "tensorboard"), workdir)
   return eval_scalars
+
+
+def _in_background(fn: Callable, *args):
+  """A future of `fn(*args)` run in its own thread (XLA releases the GIL while it compiles or
+  loads an executable, so the caller's Python work runs meanwhile)."""
+  pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hvlm-background")
+  future = pool.submit(fn, *args)
+  pool.shutdown(wait=False)
+  return future
+
+
+class _StepAhead:
+  """The first train step's executable, read from the trace cache and loaded from the
+  compilation cache in a background thread, started before the initial state, the checkpoint
+  and the first batch exist. Its arguments are predicted: the abstract state, a training batch
+  shaped like the validation batch, the merging controls of step 0. The loop takes it only
+  when the real arguments have the same trace-cache key (`matches`); otherwise, and on a
+  trace-cache miss (then nothing is started: tracing stays on the main thread), the loop
+  compiles the step as before."""
+
+  def __init__(self, args, describe: str, trace_dir: str, mesh):
+    self.path = trace_cache.entry_path("train_step", args, describe=describe,
+                                       directory=trace_dir)
+    self.trace_dir = trace_dir
+    self.future = (_in_background(self._load, self.path, args, mesh)
+                   if os.path.exists(self.path) else None)
+
+  @staticmethod
+  def _load(path, args, mesh):
+    entry = trace_cache.read(path)
+    if entry is None:  # Damaged: the loop's trace_cache.lower rewrites it.
+      return None
+    with jax.set_mesh(mesh):  # Lowered as the loop lowers it (same compilation-cache key).
+      return trace_cache.wrap(*entry[:2], donate_argnums=(0,)).lower(*args).compile()
+
+  def matches(self, args, describe: str) -> bool:
+    """Whether `args` and `describe` have the predicted ones' trace-cache key."""
+    return self.future is not None and trace_cache.entry_path(
+        "train_step", args, describe=describe, directory=self.trace_dir) == self.path
+
+  def result(self):
+    """The compiled step, or None when the background thread found the entry unreadable."""
+    return self.future.result()
 
 
 def load_or_build_vocabularies(train_split, workdir: str, config):
