@@ -6,14 +6,15 @@
 
 Runs `python -m hvlm_jax.train` for one step (no evaluation) `--runs` times in fresh work
 directories: the first run starts from an empty cache directory, the later ones reuse it.
-The dataset is generated before the first timing, so both runs read the same files. Reports
-for each run the time from process start to the end of the first training step (the
-trainer's "Train step compiled and run once" line; the issue's measure), with the train
-step's split into tracing (or reading the trace cache), compilation or cache loading, waiting
-for the initial state (its executable loads in a background thread meanwhile), and the first
-run; the wall and CPU
-seconds to process exit (also one checkpoint save); and their ratios to the cold run. Writes
-results.json.
+`--pairs` repeats that series, each from its own empty cache, because the cold run's time
+varies by several seconds between runs; the summary gives the medians over the series. The
+dataset is generated before the first timing, so every run reads the same files. Reports for
+each run the time from process start to the end of the first training step (the trainer's
+"Train step compiled and run once" line; the issue's measure), with the train step's split
+into tracing (or reading the trace cache), compilation or cache loading, waiting for the
+initial state (its executable loads in a background thread meanwhile), and the first run; the
+wall and CPU seconds to process exit (also one checkpoint save); and their ratios to the
+series' cold run. Writes results.json.
 """
 from __future__ import annotations
 
@@ -27,11 +28,16 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 from absl import app, flags
 
 _CONFIG = flags.DEFINE_string("config", "configs/demo.py", "Config file (with :args).")
 _OUT = flags.DEFINE_string("out", "benchmarks/startup", "Output folder.")
-_RUNS = flags.DEFINE_integer("runs", 2, "Runs; the first has a cold cache.")
+_RUNS = flags.DEFINE_integer("runs", 2, "Runs per pair; the first has a cold cache.")
+_PAIRS = flags.DEFINE_integer(
+    "pairs", 3, "Independent series of runs, each from its own empty cache: the cold run's time "
+    "varies by several seconds from one run to the next, so the ratio is reported per series "
+    "and as their median.")
 _TRACE_CACHE = flags.DEFINE_bool(
     "trace_cache", True, "config.trace_cache of the runs (false: every start traces the model, "
     "as before the trace cache existed).")
@@ -82,18 +88,29 @@ def main(argv):
     _run(os.path.join(scratch, "warmup_data"), os.path.join(scratch, "unused_cache"),
          ["--config.compilation_cache=off"])
     runs = []
-    for i in range(_RUNS.value):
-      runs.append(dict(run=i + 1, cache="cold" if i == 0 else "warm",
-                       **_run(os.path.join(scratch, f"run{i}"), cache,
-                              [f"--config.trace_cache={str(_TRACE_CACHE.value).lower()}"])))
-      print(runs[-1], flush=True)
-    for r in runs:
-      r["first_step_ratio_to_cold"] = round(
-          r["first_step_seconds"] / runs[0]["first_step_seconds"], 3)
-      r["wall_ratio_to_cold"] = round(r["wall_seconds"] / runs[0]["wall_seconds"], 3)
-      r["cpu_ratio_to_cold"] = round(r["cpu_seconds"] / runs[0]["cpu_seconds"], 3)
+    for pair in range(_PAIRS.value):
+      cache = os.path.join(scratch, f"cache{pair}")
+      series = []
+      for i in range(_RUNS.value):
+        series.append(dict(pair=pair + 1, run=i + 1, cache="cold" if i == 0 else "warm",
+                           **_run(os.path.join(scratch, f"pair{pair}_run{i}"), cache,
+                                  [f"--config.trace_cache={str(_TRACE_CACHE.value).lower()}"])))
+        print(series[-1], flush=True)
+      for r in series:
+        for measure in ("first_step", "wall", "cpu"):
+          r[f"{measure}_ratio_to_cold"] = round(
+              r[f"{measure}_seconds"] / series[0][f"{measure}_seconds"], 3)
+      runs += series
+    second = [r for r in runs if r["run"] == 2]
+    summary = {f"median_{k}": round(float(np.median([r[k] for r in second])), 3) for k in (
+        "first_step_ratio_to_cold", "wall_ratio_to_cold", "cpu_ratio_to_cold")} if second else {}
+    summary["median_cold_first_step_seconds"] = round(float(np.median(
+        [r["first_step_seconds"] for r in runs if r["run"] == 1])), 2)
+    if second:
+      summary["median_warm_first_step_seconds"] = round(float(np.median(
+          [r["first_step_seconds"] for r in second])), 2)
     result = dict(config=_CONFIG.value, trace_cache=_TRACE_CACHE.value,
-                  load_average=os.getloadavg(), runs=runs,
+                  load_average=os.getloadavg(), summary=summary, runs=runs,
                   command=" ".join(["python", "tools/benchmark_startup.py"] + sys.argv[1:]))
     os.makedirs(_OUT.value, exist_ok=True)
     with open(os.path.join(_OUT.value, "results.json"), "w") as f:
