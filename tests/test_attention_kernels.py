@@ -190,6 +190,23 @@ def assert_same_values_and_gradients(f, g, args, valid=None, atol=2e-5):
     np.testing.assert_allclose(gf, gg, atol=atol)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_written_out_xla_path_equals_dot_product_attention(causal, masked):
+  # Full attention's XLA path (full.softmax_attention, faster on XLA:CPU) computes
+  # jax.nn.dot_product_attention's function: scaling, key bias, fully masked rows, causality.
+  from hvlm_jax.models.attention.full import softmax_attention
+  q, k, v, mask, key_bias = kernel_inputs(4)
+  mask[0] = False  # A fully masked example: both give every key the same weight.
+  bias = None
+  if masked:
+    bias = jnp.where(jnp.asarray(mask), key_bias, -1e9)[:, None, None, :]
+  ours = lambda q, k, v: softmax_attention(q, k, v, bias, causal=causal)
+  reference = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, bias=bias, is_causal=causal,
+                                                           implementation="xla")
+  assert_same_values_and_gradients(ours, reference, (q, k, v))
+
+
 # Learned summaries are never causal (LocalGlobalAttention rejects the combination).
 @pytest.mark.parametrize("causal,globals_", [(False, "frame"), (True, "frame"),
                                              (False, "learned")])

@@ -43,6 +43,7 @@ from hvlm_jax.models import attention  # noqa: E402
 from hvlm_jax.models.attention import kernels, sparse  # noqa: E402
 from hvlm_jax.models.model import build_encoder  # noqa: E402
 from hvlm_jax.train import perf  # noqa: E402
+from vit_b import vit_config  # noqa: E402  (tools/vit_b.py)
 
 _OUT = flags.DEFINE_string("out", "", "Output directory (default benchmarks/<device>).")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny sizes: a self-check on any machine.")
@@ -178,17 +179,6 @@ def bench_attention(smoke: bool, repeats: int) -> list[dict]:
 
 
 # ----- train step ---------------------------------------------------------------------------
-def vit_config(smoke: bool):
-  config = base.get_config("frames=4,frame_size=32" if smoke else "frames=8,frame_size=224")
-  m = config.model
-  if smoke:
-    m.hidden_size, m.num_layers, m.num_attention_heads, m.mlp_dim = 64, 2, 2, 128
-    m.tubelet_size = (2, 8, 8)
-  m.attention.type = "full"
-  m.attention.full.implementation = "auto"
-  return config
-
-
 def bench_train(smoke: bool, repeats: int, matmul: dict) -> list[dict]:
   """The train step per (dtype, remat). MFU uses the datasheet peak (perf.peak_flops); where
   there is none (CPU), the dense matmul rate measured in this run (`mfu_basis`)."""
