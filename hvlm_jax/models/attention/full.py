@@ -58,8 +58,8 @@ def softmax_attention(q, k, v, bias=None, *, causal: bool = False, dropout_rate:
   `jax.nn.dot_product_attention(implementation="xla")` computes it (logits scaled by
   1/sqrt(Dh), then the bias, then the causal mask), with optional dropout on the
   probabilities. Written out because XLA:CPU runs this form 1.5-1.8x faster (forward +
-  backward) than jax.nn.dot_product_attention's XLA path at 784-1568 tokens, and as fast at
-  128-256 and 6272 (`python tools/benchmark_softmax_attention.py`).
+  backward) than jax.nn.dot_product_attention's XLA path at 784-1568 tokens, with no
+  consistent difference at 128-256 and 6272 (`python tools/benchmark_softmax_attention.py`).
 
   q, k, v: (B, N, H, Dh); bias: broadcastable to (B, H, Nq, Nk).
   """
