@@ -34,6 +34,7 @@ import numpy as np  # noqa: E402
 from hvlm_jax.models.attention import full  # noqa: E402
 from hvlm_jax.models.attention.full import softmax_attention  # noqa: E402
 from hvlm_jax.train import perf  # noqa: E402
+from vit_b import vit_clips, vit_config, vit_train_step  # noqa: E402  (tools/vit_b.py)
 
 _OUT = flags.DEFINE_string("out", "benchmarks/attention/xla_form", "Output folder.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per form and shape.")
@@ -54,33 +55,16 @@ def _dpa_form(q, k, v, bias=None, *, causal=False, dropout_rate=0.0, dropout_rng
 
 def vit_step_rows(repeats: int = 2) -> dict:
   """The ViT-B train step with each form of full attention's XLA path, alternating."""
-  import optax
-
-  from vit_b import vit_config
-  from hvlm_jax.models.model import build_encoder
   config, batch = vit_config(False), 2
-  video = config.data.video
-  clips = jnp.asarray(np.random.default_rng(0).uniform(
-      size=(batch, video.num_frames, video.frame_size, video.frame_size, 3)), jnp.float32)
+  clips = vit_clips(config, batch)
   out = dict(matmul_gflops_before=perf.measure_matmul_rate(8192, dtype=jnp.float32), steps=[])
   try:
     for name, form in (("dot_product_attention", _dpa_form), ("ours", softmax_attention)) * 2:
       full.softmax_attention = form  # What FullAttention calls on the XLA path.
-      encoder = build_encoder(config.model, dtype=jnp.float32, remat_policy=None)
-      params = jax.jit(encoder.init)(jax.random.key(0), clips)
-      optimizer = optax.adamw(1e-4)
-
-      def train_step(state, clips, encoder=encoder, optimizer=optimizer):
-        params, opt_state = state
-        loss_fn = lambda p: jnp.mean(encoder.apply(p, clips)["tokens"] ** 2)
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), loss
-
-      compiled = jax.jit(train_step, donate_argnums=0).lower(
-          (params, optimizer.init(params)), clips).compile()
+      step, state = vit_train_step(config, clips)
+      compiled = step.lower(state, clips).compile()
       flops, _ = perf.train_step_flops(compiled, config, batch)
-      holder = [(params, optimizer.init(params))]
+      holder = [state]
 
       def run(compiled=compiled, holder=holder):
         holder[0], loss = compiled(holder[0], clips)

@@ -35,15 +35,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from configs import base  # noqa: E402
 from hvlm_jax.models import attention  # noqa: E402
 from hvlm_jax.models.attention import kernels, sparse  # noqa: E402
-from hvlm_jax.models.model import build_encoder  # noqa: E402
 from hvlm_jax.train import perf  # noqa: E402
-from vit_b import vit_config  # noqa: E402  (tools/vit_b.py)
+from vit_b import vit_clips, vit_config, vit_train_step  # noqa: E402  (tools/vit_b.py)
 
 _OUT = flags.DEFINE_string("out", "", "Output directory (default benchmarks/<device>).")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny sizes: a self-check on any machine.")
@@ -183,27 +181,13 @@ def bench_train(smoke: bool, repeats: int, matmul: dict) -> list[dict]:
   """The train step per (dtype, remat). MFU uses the datasheet peak (perf.peak_flops); where
   there is none (CPU), the dense matmul rate measured in this run (`mfu_basis`)."""
   config, batch = vit_config(smoke), 2
-  video = config.data.video
-  clips = jnp.asarray(np.random.default_rng(0).uniform(
-      size=(batch, video.num_frames, video.frame_size, video.frame_size, 3)), jnp.float32)
+  clips = vit_clips(config, batch)
   rows = []
   for dtype in [jnp.dtype(d) for d in _DTYPES.value]:
     for remat in (None, "nothing_saveable"):
-      encoder = build_encoder(config.model, dtype=dtype, remat_policy=remat)
-      params = jax.jit(encoder.init)(jax.random.key(0), clips)
-      optimizer = optax.adamw(1e-4)
-      state = (params, optimizer.init(params))
-
-      def train_step(state, clips, encoder=encoder, optimizer=optimizer):
-        params, opt_state = state
-        loss_fn = lambda p: jnp.mean(encoder.apply(p, clips)["tokens"].astype(jnp.float32) ** 2)
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), loss
-
+      step, state = vit_train_step(config, clips, dtype=dtype, remat=remat)
       row = dict(dtype=jnp.dtype(dtype).name, remat=remat or "none", batch=batch)
       try:
-        step = jax.jit(train_step, donate_argnums=0)
         start = time.perf_counter()
         compiled = step.lower(state, clips).compile()
         row["compile_s"] = time.perf_counter() - start

@@ -1,7 +1,14 @@
-"""The ViT-B-sized encoder configuration whose train step tools/device_check.py and
+"""The ViT-B-sized encoder train step that tools/device_check.py and
 tools/benchmark_softmax_attention.py measure (their callers put the repository root on
-sys.path first)."""
+sys.path first): 12 x 768 (`--smoke`: 2 x 64), full attention, the encoder's tokens' mean
+square as the loss, AdamW."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
 from configs import base
+from hvlm_jax.models.model import build_encoder
 
 
 def vit_config(smoke: bool):
@@ -13,3 +20,26 @@ def vit_config(smoke: bool):
   m.attention.type = "full"
   m.attention.full.implementation = "auto"
   return config
+
+
+def vit_clips(config, batch: int = 2):
+  video = config.data.video
+  return jnp.asarray(np.random.default_rng(0).uniform(
+      size=(batch, video.num_frames, video.frame_size, video.frame_size, 3)), jnp.float32)
+
+
+def vit_train_step(config, clips, *, dtype=jnp.float32, remat=None):
+  """(step, state): the jitted step (donating its state; returns (state, loss)) and the
+  initial (params, optimizer state)."""
+  encoder = build_encoder(config.model, dtype=dtype, remat_policy=remat)
+  params = jax.jit(encoder.init)(jax.random.key(0), clips)
+  optimizer = optax.adamw(1e-4)
+
+  def train_step(state, clips):
+    params, opt_state = state
+    loss_fn = lambda p: jnp.mean(encoder.apply(p, clips)["tokens"].astype(jnp.float32) ** 2)
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state), loss
+
+  return jax.jit(train_step, donate_argnums=0), (params, optimizer.init(params))
