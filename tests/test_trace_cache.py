@@ -159,7 +159,7 @@ def test_train_step_loaded_ahead_is_taken_only_for_its_key(tmp_path):
   # arguments; the loop takes it only for arguments with the same key.
   from jax.sharding import NamedSharding, PartitionSpec as P
 
-  from hvlm_jax.train import trainer
+  from hvlm_jax.train import ahead as ahead_lib
   mesh = jax.make_mesh((jax.device_count(),), ("data",))
   step, traces, (state, _, rng, _) = _step_and_args()
   batch = {"x": jax.device_put(jnp.linspace(0.0, 1.0, 4 * jax.device_count()).reshape(-1, 4),
@@ -170,12 +170,12 @@ def test_train_step_loaded_ahead_is_taken_only_for_its_key(tmp_path):
   expected = jax.jit(step)(*_fresh(args))
   directory = str(tmp_path)
 
-  ahead = trainer._StepAhead((state, predicted, rng, None), "d", directory, mesh)
+  ahead = ahead_lib.StepAhead((state, predicted, rng, None), "d", directory, mesh)
   assert ahead.future is None and not ahead.matches(args, "d")  # No entry: nothing started.
   trace_cache.lower("train_step", jax.jit(step, donate_argnums=0), _fresh(args), describe="d",
                     directory=directory)  # A cold start stores the entry.
   del traces[:]
-  ahead = trainer._StepAhead((state, predicted, rng, None), "d", directory, mesh)
+  ahead = ahead_lib.StepAhead((state, predicted, rng, None), "d", directory, mesh)
   assert ahead.matches(args, "d")
   assert not ahead.matches(args, "other config")
   assert not ahead.matches((state, {"x": batch["x"][:, :2]}, rng, None), "d")
@@ -186,7 +186,7 @@ def test_train_step_loaded_ahead_is_taken_only_for_its_key(tmp_path):
 
   with open(ahead.path, "wb") as f:  # Damaged after the check: no executable, no crash.
     f.write(b"garbage")
-  assert trainer._StepAhead((state, predicted, rng, None), "d", directory, mesh).result() is None
+  assert ahead_lib.StepAhead((state, predicted, rng, None), "d", directory, mesh).result() is None
 
 
 def test_a_failed_write_leaves_no_file_and_the_run_goes_on(tmp_path, monkeypatch):

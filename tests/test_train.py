@@ -15,6 +15,7 @@ from hvlm_jax import data as data_lib
 from hvlm_jax import run as run_lib
 from hvlm_jax import sharding
 from hvlm_jax.models import model as model_lib
+from hvlm_jax.train import ahead as ahead_lib
 from hvlm_jax.train import trainer
 from hvlm_jax.checkpoint import Checkpointer
 from hvlm_jax.train.metric_writer import read_scalars
@@ -146,9 +147,9 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
       counts[_name] += 1
       return _real(*a, **k)
     monkeypatch.setattr(module, name, counting)
-  ahead = []  # Starts whose first train step was loaded by the background thread.
-  monkeypatch.setattr(trainer._StepAhead, "result",
-                      lambda self, _real=trainer._StepAhead.result: ahead.append(1) or _real(self))
+  loaded_ahead = []  # Starts whose first train step came from the background thread.
+  monkeypatch.setattr(ahead_lib.StepAhead, "result", lambda self, _real=ahead_lib.StepAhead.result:
+                      loaded_ahead.append(1) or _real(self))
 
   config = train_config()
   config.mesh.data, config.mesh.tensor = 4, 2
@@ -158,7 +159,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
   assert Checkpointer(str(tmp_path / "resumed")).all_steps() == [2]
   trainer.train_and_evaluate(config, str(tmp_path / "resumed"))
   assert first["abstract_params"] >= 1 and first["compute_losses"] >= 1 and counts == first
-  assert len(ahead) == 2  # The second and third starts, predicted right.
+  assert len(loaded_ahead) == 2  # The second and third starts, predicted right.
   assert sorted(p.name.split("-")[0] for p in traces.iterdir()) == ["init_state", "train_step"]
 
   straight = Checkpointer(str(tmp_path / "straight"), read_only=True)

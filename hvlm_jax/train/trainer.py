@@ -6,7 +6,6 @@ update step, checkpoint / resume, evaluation, loop. One `jax.jit` train step ove
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -35,6 +34,7 @@ from hvlm_jax.models import model as model_lib
 from hvlm_jax.models import pretraining
 from hvlm_jax.models import streaming, streaming_loss
 from hvlm_jax.models.domain import lora
+from hvlm_jax.train import ahead as ahead_lib
 from hvlm_jax.train import perf as perf_lib
 from hvlm_jax.train import state as state_lib
 from hvlm_jax.train.metric_writer import MetricWriter
@@ -374,7 +374,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   train_rng = jax.random.fold_in(rng, 1)
   # A warm start loads the first train step's executable in a background thread while the
   # initialiser, the checkpoint and the first batch are prepared.
-  ahead = []
+  step_ahead = []  # The first train step loading in a background thread (a warm start).
   first_ratio, first_weights = merging_controls(config, 0)
   predicted_batch = {k: jax.ShapeDtypeStruct((config.data.batch_size, *np.shape(v)[1:]),
                                              np.asarray(v).dtype,
@@ -383,7 +383,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   def load_step_ahead(abstract):
     if first_ratio == merging_controls(config, total_steps)[0]:  # run.train_step's ratio.
-      ahead.append(_StepAhead((abstract, predicted_batch, train_rng, first_weights),
+      step_ahead.append(ahead_lib.StepAhead((abstract, predicted_batch, train_rng, first_weights),
                               _trace_description(with_compression_ratio(config, first_ratio),
                                                  total_steps), trace_dir, mesh))
 
@@ -423,7 +423,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     # The initialiser's executable is compiled (or loaded from the compilation cache) in a
     # background thread while the train step's is on this one: XLA releases the GIL. A
     # resumed run never loads it.
-    initial = _in_background(run.init_lowered.compile)
+    initial = ahead_lib.in_background(run.init_lowered.compile)
     state = None
     if config.get("init_from"):  # Now: a bad pretrained file is reported before compiling.
       state = initial.result()(rng)
@@ -498,7 +498,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           # On the abstract state: a fresh run's initial state may still be loading.
           args = (abstract_state, batch, train_rng, merge_weights)
           describe = _trace_description(with_compression_ratio(config, ratio), total_steps)
-          loading, compiled_step = ahead.pop() if ahead else None, None
+          loading, compiled_step = step_ahead.pop() if step_ahead else None, None
           if loading is not None and loading.matches(args, describe):
             t_lowered = time.perf_counter()
             compiled_step = loading.result()  # None if the entry turned out unreadable.
@@ -598,49 +598,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                  "hvlm_jax.predict --workdir=%s VIDEO.mp4", step, workdir,
                  os.path.join(workdir, "tensorboard"), workdir)
   return eval_scalars
-
-
-def _in_background(fn: Callable, *args):
-  """A future of `fn(*args)` run in its own thread (XLA releases the GIL while it compiles or
-  loads an executable, so the caller's Python work runs meanwhile)."""
-  pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hvlm-background")
-  future = pool.submit(fn, *args)
-  pool.shutdown(wait=False)
-  return future
-
-
-class _StepAhead:
-  """The first train step's executable, read from the trace cache and loaded from the
-  compilation cache in a background thread, started before the initial state, the checkpoint
-  and the first batch exist. Its arguments are predicted: the abstract state, a training batch
-  shaped like the validation batch, the merging controls of step 0. The loop takes it only
-  when the real arguments have the same trace-cache key (`matches`); otherwise, and on a
-  trace-cache miss (then nothing is started: tracing stays on the main thread), the loop
-  compiles the step as before."""
-
-  def __init__(self, args, describe: str, trace_dir: str, mesh):
-    self.path = trace_cache.entry_path("train_step", args, describe=describe,
-                                       directory=trace_dir)
-    self.trace_dir = trace_dir
-    self.future = (_in_background(self._load, self.path, args, mesh)
-                   if os.path.exists(self.path) else None)
-
-  @staticmethod
-  def _load(path, args, mesh):
-    entry = trace_cache.read(path)
-    if entry is None:  # Damaged: the loop's trace_cache.lower rewrites it.
-      return None
-    with jax.set_mesh(mesh):  # Lowered as the loop lowers it (same compilation-cache key).
-      return trace_cache.wrap(*entry[:2], donate_argnums=(0,)).lower(*args).compile()
-
-  def matches(self, args, describe: str) -> bool:
-    """Whether `args` and `describe` have the predicted ones' trace-cache key."""
-    return self.future is not None and trace_cache.entry_path(
-        "train_step", args, describe=describe, directory=self.trace_dir) == self.path
-
-  def result(self):
-    """The compiled step, or None when the background thread found the entry unreadable."""
-    return self.future.result()
 
 
 def load_or_build_vocabularies(train_split, workdir: str, config):
