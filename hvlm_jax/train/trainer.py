@@ -383,9 +383,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   def load_step_ahead(abstract):
     if first_ratio == merging_controls(config, total_steps)[0]:  # run.train_step's ratio.
-      step_ahead.append(ahead_lib.StepAhead((abstract, predicted_batch, train_rng, first_weights),
-                              _trace_description(with_compression_ratio(config, first_ratio),
-                                                 total_steps), trace_dir, mesh))
+      describe = _trace_description(with_compression_ratio(config, first_ratio), total_steps)
+      step_ahead.append(ahead_lib.StepAhead(
+          (abstract, predicted_batch, train_rng, first_weights), describe, trace_dir, mesh))
 
   run = build_training(config, mesh, example, total_steps, rng, trace_dir=trace_dir,
                        initialise=False, on_abstract_state=load_step_ahead if trace_dir else None)
