@@ -7,11 +7,12 @@
 core alone (no projections), forward + backward (gradients w.r.t. q, k and v of the sum of
 squares of the output), float32, per shape (batch, tokens, heads, head width, key mask or
 not), one after the other in one process: median wall and CPU seconds over `--repeats` runs
-after a warm-up, their ratios (dot_product_attention / ours: above 1 means ours is faster),
-and the largest difference between the two gradients. With `--vit_step` (on by default) it
-also times the ViT-B encoder train step of tools/device_check.py (tools/vit_b.py: 12 x 768, batch 2, 8 x 224^2,
-float32, no remat) with full attention's XLA path switched between the two forms, alternating
-A, B, A, B, with the dense matmul rate measured before and after: step seconds and the step's
+(at least 100 up to 256 tokens, one at 6272) after a warm-up, their ratios
+(dot_product_attention / ours: above 1 means ours is faster), and the largest difference
+between the two gradients. With `--vit_step` (on by default) it also times the ViT-B encoder
+train step of tools/device_check.py (tools/vit_b.py: 12 x 768, batch 2, 8 x 224^2, float32,
+no remat) with full attention's XLA path switched between the two forms, alternating A, B, A,
+B, with the dense matmul rate measured before and after: step seconds and the step's
 model FLOP rate as a fraction of that matmul rate. Writes <out>/results.json.
 """
 from __future__ import annotations
@@ -116,7 +117,8 @@ def main(argv):
     q, k, v = (jnp.asarray(rng.normal(size=(b, n, h, d)), jnp.float32) for _ in range(3))
     bias = (jnp.broadcast_to(jnp.where(jnp.arange(n) < n - n // 4, 0.0, -1e9),
                              (b, 1, 1, n)) if masked else None)
-    repeats = _REPEATS.value if n < 4096 else 1
+    # Calls of a few milliseconds need many runs for a stable median; 6272 tokens takes 13 s.
+    repeats = max(_REPEATS.value, 100) if n <= 256 else _REPEATS.value if n < 4096 else 1
     row, grads = dict(shape=[b, n, h, d], masked=masked), {}
     for name, form in forms.items():
       wall, cpu, grads[name] = _timed(_grad_fn(form, bias), (q, k, v), repeats)
