@@ -265,6 +265,18 @@ def test_attention_classes_route_implementation_splash_to_the_kernel(cls, option
                                                                jnp.ones((1, 100), bool))
 
 
+def test_attention_dropout_runs_on_the_xla_path_whatever_the_kernel():
+  # cuDNN has no attention dropout: implementation="cudnn" with dropout in training takes the
+  # XLA path (never the kernel, so this runs anywhere) and drops the same probabilities.
+  x = jnp.asarray(np.random.default_rng(6).normal(size=(2, 12, 16)), jnp.float32)
+  params = FullAttention(num_heads=2).init(jax.random.key(0), x)
+  run = lambda impl, **kw: FullAttention(num_heads=2, implementation=impl, dropout_rate=0.5).apply(
+      params, x, rngs={"dropout": jax.random.key(1)}, **kw)
+  dropped = run("xla", deterministic=False)
+  np.testing.assert_array_equal(run("cudnn", deterministic=False), dropped)
+  assert not np.allclose(dropped, run("xla"))  # Dropout did act.
+
+
 def test_cudnn_kernels_equal_the_xla_path_on_a_gpu():
   if jax.default_backend() != "gpu":
     pytest.skip(f"cuDNN flash attention needs an NVIDIA GPU; this run's backend is "

@@ -41,7 +41,7 @@ class FullAttention(nn.Module):
                           masked=bias is not None)
     if impl == "splash":
       y = kernels.splash_attention(q, k, v, "full", causal=self.causal)
-    elif impl == "cudnn":
+    elif impl == "cudnn" and not dropout:  # cuDNN has no attention dropout.
       y = jax.nn.dot_product_attention(q, k, v, bias=bias, is_causal=self.causal,
                                        implementation="cudnn")
     else:
