@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from hvlm_jax.train import trainer
+from hvlm_jax.train import op_profile, trainer
 from hvlm_jax.train.metric_writer import read_scalars
 from test_train import train_config
 
@@ -33,6 +33,15 @@ def test_perf_scalars_and_profile_trace(tmp_path):
   flops_per_step = tflops * 1e12 * 8 / rate
   assert 1e6 < flops_per_step < 1e12  # A 1-layer width-32 model on 4 clips of 8 x 32^2.
   assert glob.glob(os.path.join(workdir, "profile", "**", "*.xplane.pb"), recursive=True)
+  # The traced program is saved beside the trace, so the trace's time splits by model scope.
+  with open(os.path.join(workdir, "profile", "train_step.hlo.txt")) as fh:
+    summary = op_profile.summarize(fh.read(), op_profile.latest_trace(
+        os.path.join(workdir, "profile")))
+  # profile_steps="1,2": two steps, each run by the 8 devices of the mesh.
+  assert summary["runs"] == 2 * 8
+  assert summary["flops"] > 0
+  scopes = {r["scope"] for r in summary["scopes"]}
+  assert {"StreamingVLM.encode/encoder/block_*", "StreamingVLM.encode/encoder.embed"} <= scopes
 
 
 def test_summary_writer_is_imported_without_torch_and_torch_still_imports_afterwards(tmp_path):

@@ -180,6 +180,9 @@ class Profiler:
 
   StepTraceAnnotation marks each step in the trace, so the profile plugin reports per-step
   time; wrap the whole step (data fetch included) to see input stalls. Only process 0 traces.
+  `save_program(compiled, name)` keeps the traced program's optimised HLO beside the trace
+  (`name.hlo.txt`), from which `tools/profile_step.py --workdir` attributes the trace's time
+  to model scopes (`hvlm_jax.train.op_profile`).
   """
 
   def __init__(self, log_dir: str, steps: tuple[int, int] | None):
@@ -201,6 +204,13 @@ class Profiler:
       self.active = True
     elif self.active and step > end:
       self.close()
+
+  def save_program(self, compiled, name: str) -> None:
+    """Writes `compiled.as_text()` to `<log_dir>/<name>.hlo.txt` when this run traces."""
+    if self.enabled:
+      os.makedirs(self.log_dir, exist_ok=True)
+      with open(os.path.join(self.log_dir, f"{name}.hlo.txt"), "w") as fh:
+        fh.write(compiled.as_text())
 
   def close(self) -> None:
     if self.active:

@@ -510,6 +510,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             t_lowered = time.perf_counter()
             compiled_step = lowered.compile()
           steps_by_ratio[ratio] = compiled_step
+          profiler.save_program(compiled_step, "train_step" if merge_weights is None
+                                else f"train_step_ratio{ratio:g}")
           t_compiled = time.perf_counter()
           if state is None:  # The background thread's initialiser, run once.
             state = initial.result()(rng)

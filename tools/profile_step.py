@@ -1,0 +1,128 @@
+"""Where a train step's time goes, by model scope: a profiler trace joined with the step's HLO.
+
+    python tools/profile_step.py --config=configs/demo.py --out=benchmarks/profile/demo
+    python tools/profile_step.py --workdir=runs/demo      # a run with training.profile_steps
+
+With --config: the trainer's step of that config (float32, one real batch on the devices,
+built by `tools/train_step.py` as for `tools/benchmark_train.py`) is timed (`--timed` steps,
+median), the dense float32 matmul rate is measured in the same run, and `--steps` steps are
+traced and summarised.
+With --workdir: the trace a run wrote under WORKDIR/profile (`training.profile_steps`) is
+summarised with the program the trainer saved beside it (`train_step.hlo.txt`).
+
+The summary (`hvlm_jax.train.op_profile`): per scope (`encoder/block_*`, `encoder.embed/
+conv_stem`, ...; `--depth` components), forward and backward apart, the instruction time,
+its share, the dot and convolution FLOPs and their rate; then the slowest instructions.
+Writes <out>/results.{json,md}.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import statistics
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from hvlm_jax.train import op_profile  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config to profile.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "A run's workdir with a profile to summarise.")
+_PROGRAM = flags.DEFINE_string("program", None, "With --workdir: the saved program's name "
+                               "(train_step, or train_step_ratio<r> with a merging curriculum).")
+_OUT = flags.DEFINE_string("out", None, "Output directory (default: WORKDIR/profile/summary).")
+_STEPS = flags.DEFINE_integer("steps", 2, "With --config: steps traced.")
+_TIMED = flags.DEFINE_integer("timed", 6, "With --config: steps timed without the profiler.")
+_DEPTH = flags.DEFINE_integer("depth", 3, "Model-path components per scope.")
+_TOP = flags.DEFINE_integer("top", 25, "Slowest instructions listed.")
+_MATMUL = flags.DEFINE_integer("matmul_size", 2048, "M of the (M x M) @ (M x M) probe.")
+
+
+def from_config(config) -> tuple[dict, dict]:
+  import train_step as bt
+  from hvlm_jax import run as run_lib
+  from hvlm_jax import sharding
+  run_lib.validate(config, jax.device_count())
+  mesh = sharding.make_mesh(config.mesh)
+  config, batch = bt.real_batch(config)
+  runner = bt.StepRunner("f32", bt.with_training(config, **bt.VARIANTS["f32"]), batch, mesh)
+  runner.run(_TIMED.value)
+  step_s = statistics.median(runner.times)
+  matmul, matmul_flop = bt.matmul_probe(_MATMUL.value)
+  matmul_gflops = matmul_flop / min(matmul() for _ in range(5)) / 1e9
+  with tempfile.TemporaryDirectory() as trace_dir:
+    jax.profiler.start_trace(trace_dir)
+    runner.run(_STEPS.value)
+    jax.profiler.stop_trace()
+    summary = op_profile.summarize(runner.step.as_text(), op_profile.latest_trace(trace_dir),
+                                   runs=_STEPS.value * jax.local_device_count(),
+                                   top=_TOP.value, depth=_DEPTH.value)
+  meta = dict(device=f"{jax.devices()[0].platform} x{jax.device_count()}",
+              cpus=os.cpu_count(), jax=jax.__version__, step_s=step_s,
+              xla_gflop=runner.stats["xla_gflop"], matmul_size=_MATMUL.value,
+              matmul_gflops=matmul_gflops,
+              matmul_fraction=runner.stats["xla_gflop"] / step_s / matmul_gflops,
+              load_avg=os.getloadavg()[0])
+  return summary, meta
+
+
+def from_workdir(workdir: str) -> tuple[dict, dict]:
+  log_dir = os.path.join(workdir, "profile")
+  programs = sorted(os.path.basename(p)[:-len(".hlo.txt")]
+                    for p in glob.glob(os.path.join(log_dir, "*.hlo.txt")))
+  if not programs:
+    raise app.UsageError(f"{log_dir}: no saved program (*.hlo.txt); was the run started "
+                         "with --config.training.profile_steps?")
+  name = _PROGRAM.value or programs[0]
+  if name not in programs:
+    raise app.UsageError(f"--program={name}: {log_dir} holds {', '.join(programs)}.")
+  with open(os.path.join(log_dir, f"{name}.hlo.txt")) as fh:
+    hlo = fh.read()
+  trace = op_profile.latest_trace(log_dir)
+  summary = op_profile.summarize(hlo, trace, top=_TOP.value, depth=_DEPTH.value)
+  return summary, dict(program=name, trace=trace)
+
+
+def main(argv):
+  del argv
+  if (_CONFIG.value is None) == (_WORKDIR.value is None):
+    raise app.UsageError("Give one of --config (profile that config's step) or --workdir "
+                         "(summarise a run's profile).")
+  out = _OUT.value or os.path.join(_WORKDIR.value or ".", "profile", "summary")
+  try:
+    if _CONFIG.value is not None:
+      summary, meta = from_config(_CONFIG.value)
+    else:
+      summary, meta = from_workdir(_WORKDIR.value)
+  except (FileNotFoundError, ValueError) as e:
+    raise app.UsageError(str(e)) from None
+  meta["command"] = "python tools/profile_step.py " + " ".join(sys.argv[1:])
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "results.json"), "w") as fh:
+    json.dump(dict(meta=meta, **summary), fh, indent=1)
+  head = ["# Train-step profile by scope", "", f"`{meta['command']}`", "", ""]
+  if "step_s" in meta:
+    head[-1:] = [f"Device: {meta['device']} ({meta['cpus']} cores; 1-min load {meta['load_avg']:.1f})"
+             f", jax {meta['jax']}. Step {meta['step_s']:.3f} s (median of {_TIMED.value}, "
+             f"untraced), {meta['xla_gflop']:.2f} GFLOP by XLA's count: "
+             f"{meta['xla_gflop'] / meta['step_s']:.1f} GFLOP/s, "
+             f"{meta['matmul_fraction']:.1%} of the dense float32 matmul rate measured in this "
+             f"run ({meta['matmul_gflops']:.0f} GFLOP/s at {meta['matmul_size']}^2).", ""]
+  text = "\n".join(head) + op_profile.markdown(summary) + (
+      "\nTimes are summed over the threads that ran instructions side by side. XLA:CPU runs "
+      "convolutions on its thread pool after their instruction's event ends: their time is "
+      "undercounted (see hvlm_jax/train/op_profile.py).\n")
+  with open(os.path.join(out, "results.md"), "w") as fh:
+    fh.write(text)
+  print(text)
+
+
+if __name__ == "__main__":
+  app.run(main)
