@@ -97,6 +97,10 @@ def test_a_traced_program_is_summarised_by_scope(tmp_path):
   # Backward: both weight gradients, and the input gradient of layer 1 only.
   backward = 2 * 64 * 32 * 48 + 2 * 2 * 64 * 48 * 16
   np.testing.assert_allclose(summary["flops"], forward + backward)
+  # The distinct dots, as lax.dot_general takes them, reproduce the FLOPs.
+  np.testing.assert_allclose(sum(d["flops"] for d in summary["dots"]), forward + backward)
+  assert {((64, 32), (32, 48)), ((64, 48), (48, 16))} <= {
+      (tuple(d["lhs"]), tuple(d["rhs"])) for d in summary["dots"] if d["calls"] == 1}
   scopes = {(r["scope"], r["direction"]) for r in summary["scopes"]}
   assert ("layer_*", "forward") in scopes and ("layer_*", "backward") in scopes, scopes
   assert 0 < summary["flop_op_s"] <= summary["op_s"]

@@ -23,6 +23,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -43,6 +44,41 @@ _TIMED = flags.DEFINE_integer("timed", 6, "With --config: steps timed without th
 _DEPTH = flags.DEFINE_integer("depth", 3, "Model-path components per scope.")
 _TOP = flags.DEFINE_integer("top", 25, "Slowest instructions listed.")
 _MATMUL = flags.DEFINE_integer("matmul_size", 2048, "M of the (M x M) @ (M x M) probe.")
+_ALONE = flags.DEFINE_float("alone_share", 0.99, "With --config: the step's distinct dots, "
+                            "largest first, timed alone until they hold this share of its "
+                            "dot FLOPs.")
+
+
+def time_dots_alone(dots: list[dict], share: float) -> dict:
+  """Times each of the step's distinct dots as a lone jitted `lax.dot_general` (random f32
+  operands; ~50 ms of runs
+  untimed, then the median of runs adding up to >= 100 ms) until `share` of the dot FLOPs is covered.
+  Returns the covered FLOPs and seconds per run of the step, and per-dot rows."""
+  import jax.numpy as jnp
+  import numpy as np
+  total, covered, seconds, rows = sum(d["flops"] for d in dots), 0.0, 0.0, []
+  rng = np.random.default_rng(0)
+  for d in dots:
+    if covered >= share * total:
+      break
+    lhs = jnp.asarray(rng.standard_normal(d["lhs"]), jnp.float32)
+    rhs = jnp.asarray(rng.standard_normal(d["rhs"]), jnp.float32)
+    numbers = (tuple(map(tuple, d["contracting"])), tuple(map(tuple, d["batch"])))
+    f = jax.jit(lambda a, b, n=numbers: jax.lax.dot_general(a, b, n)).lower(lhs, rhs).compile()
+    times, warm = [], time.perf_counter() + 0.05
+    while time.perf_counter() < warm:  # Runs the first ~50 ms untimed: the rate settles.
+      jax.block_until_ready(f(lhs, rhs))
+    while sum(times) < 0.1 or len(times) < 5:
+      t = time.perf_counter()
+      jax.block_until_ready(f(lhs, rhs))
+      times.append(time.perf_counter() - t)
+    alone = statistics.median(times)
+    covered += d["flops"]
+    seconds += alone * d["calls"]
+    rows.append(dict(lhs=d["lhs"], rhs=d["rhs"], contracting=d["contracting"], batch=d["batch"],
+                     calls=d["calls"], gflop=d["flops"] / 1e9, alone_s=alone,
+                     alone_gflops=d["flops"] / d["calls"] / alone / 1e9))
+  return dict(flops=covered, total_flops=total, seconds=seconds, rows=rows)
 
 
 def from_config(config) -> tuple[dict, dict]:
@@ -64,13 +100,25 @@ def from_config(config) -> tuple[dict, dict]:
     summary = op_profile.summarize(runner.step.as_text(), op_profile.latest_trace(trace_dir),
                                    runs=_STEPS.value * jax.local_device_count(),
                                    top=_TOP.value, depth=_DEPTH.value)
+  alone = time_dots_alone(summary["dots"], _ALONE.value)
   meta = dict(device=f"{jax.devices()[0].platform} x{jax.device_count()}",
               cpus=os.cpu_count(), jax=jax.__version__, step_s=step_s,
               xla_gflop=runner.stats["xla_gflop"], matmul_size=_MATMUL.value,
               matmul_gflops=matmul_gflops,
               matmul_fraction=runner.stats["xla_gflop"] / step_s / matmul_gflops,
-              load_avg=os.getloadavg()[0])
+              load_avg=os.getloadavg()[0], dots_alone=alone)
   return summary, meta
+
+
+def dots_alone_line(meta: dict) -> str:
+  a = meta["dots_alone"]
+  rate = a["flops"] / a["seconds"] / 1e9
+  return (f"Dots alone: the step's {len(a['rows'])} largest distinct dots, "
+          f"{a['flops'] / 1e9:.2f} of its {a['total_flops'] / 1e9:.2f} dot GFLOP, each timed "
+          f"as a lone jitted dot_general, take {1e3 * a['seconds']:.1f} ms a step: "
+          f"{rate:.1f} GFLOP/s, {rate / meta['matmul_gflops']:.1%} of the matmul rate. A step at "
+          f"40% of that rate would take {1e3 * meta['xla_gflop'] / (0.4 * meta['matmul_gflops']):.0f}"
+          " ms in all.")
 
 
 def from_workdir(workdir: str) -> tuple[dict, dict]:
@@ -109,12 +157,14 @@ def main(argv):
     json.dump(dict(meta=meta, **summary), fh, indent=1)
   head = ["# Train-step profile by scope", "", f"`{meta['command']}`", "", ""]
   if "step_s" in meta:
-    head[-1:] = [f"Device: {meta['device']} ({meta['cpus']} cores; 1-min load {meta['load_avg']:.1f})"
-             f", jax {meta['jax']}. Step {meta['step_s']:.3f} s (median of {_TIMED.value}, "
-             f"untraced), {meta['xla_gflop']:.2f} GFLOP by XLA's count: "
-             f"{meta['xla_gflop'] / meta['step_s']:.1f} GFLOP/s, "
-             f"{meta['matmul_fraction']:.1%} of the dense float32 matmul rate measured in this "
-             f"run ({meta['matmul_gflops']:.0f} GFLOP/s at {meta['matmul_size']}^2).", ""]
+    head[-1:] = [
+        f"Device: {meta['device']} ({meta['cpus']} cores; 1-min load {meta['load_avg']:.1f}), "
+        f"jax {meta['jax']}. Step {meta['step_s']:.3f} s (median of {_TIMED.value}, untraced), "
+        f"{meta['xla_gflop']:.2f} GFLOP by XLA's count: "
+        f"{meta['xla_gflop'] / meta['step_s']:.1f} GFLOP/s, "
+        f"{meta['matmul_fraction']:.1%} of the dense float32 matmul rate measured in this "
+        f"run ({meta['matmul_gflops']:.0f} GFLOP/s at {meta['matmul_size']}^2).", "",
+        dots_alone_line(meta), "", ""]
   text = "\n".join(head) + op_profile.markdown(summary) + (
       "\nTimes are summed over the threads that ran instructions side by side. XLA:CPU runs "
       "convolutions on its thread pool after their instruction's event ends: their time is "

@@ -50,6 +50,23 @@ class HloOp:
   flops: float
   scope: str        # Model path ("" when XLA made the instruction itself).
   backward: bool
+  dots: tuple = ()  # DotSpec of every dot inside it.
+
+
+@dataclasses.dataclass(frozen=True)
+class DotSpec:
+  """One dot's operand shapes and dimension numbers (as `jax.lax.dot_general` takes them)."""
+  lhs: tuple[int, ...]
+  rhs: tuple[int, ...]
+  contracting: tuple[tuple[int, ...], tuple[int, ...]]
+  batch: tuple[tuple[int, ...], tuple[int, ...]]
+
+  @property
+  def flops(self) -> float:
+    free = lambda shape, used: math.prod(n for i, n in enumerate(shape) if i not in used)
+    (lc, rc), (lb, _) = self.contracting, self.batch
+    return 2.0 * (math.prod(self.lhs[i] for i in lb) * math.prod(self.lhs[i] for i in lc)
+                  * free(self.lhs, lc + lb) * free(self.rhs, rc + self.batch[1]))
 
 
 def _dims(shape: str) -> list[int] | None:
@@ -112,6 +129,18 @@ def entry_instructions(hlo: str) -> list[str]:
   return [i.group(1) for i in map(_INSTRUCTION.match, lines) if i]
 
 
+def _dot_spec(args: str, shapes: dict) -> DotSpec | None:
+  operands = _operands(args)
+  lhs, rhs = (shapes.get(o) for o in operands[:2]) if len(operands) >= 2 else (None, None)
+  if lhs is None or rhs is None:
+    return None
+  dims = lambda key: tuple(int(i) for i in (re.search(key + r"=\{([\d,]*)\}", args) or
+                                            re.match("()", "")).group(1).split(",") if i)
+  return DotSpec(tuple(lhs), tuple(rhs),
+                 (dims("lhs_contracting_dims"), dims("rhs_contracting_dims")),
+                 (dims("lhs_batch_dims"), dims("rhs_batch_dims")))
+
+
 def _op_names(line: str) -> list[str]:
   m = re.search(r'op_name="([^"]*)"', line)
   return m.group(1).split(";") if m else []
@@ -160,35 +189,38 @@ def hlo_ops(hlo: str, depth: int = 4, merge_layers: bool = True) -> dict[str, Hl
         parsed.append((comp, name, shape, opcode, args, line))
   own = collections.defaultdict(float)  # Dot / convolution FLOPs directly in a computation.
   names = collections.defaultdict(list)  # op_names in a computation.
-  calls = collections.defaultdict(list)
+  calls, dots = collections.defaultdict(list), collections.defaultdict(list)
   for comp, _name, shape, opcode, args, line in parsed:
     if opcode in ("dot", "convolution"):
       own[comp] += _dot_or_conv_flops(opcode, shape, args, shapes)
+    if opcode == "dot" and (spec := _dot_spec(args, shapes)):
+      dots[comp].append(spec)
     names[comp] += _op_names(line)
     calls[comp] += re.findall(r"calls=%?([\w.\-]+)", line)
 
-  def inside(comp, seen=()):  # FLOPs and op_names of a called computation, recursively.
-    flops, found = own[comp], list(names[comp])
+  def inside(comp, seen=()):  # FLOPs, op_names, dots of a called computation, recursively.
+    flops, found, specs = own[comp], list(names[comp]), list(dots[comp])
     for c in calls[comp]:
       if c not in seen:
-        f, n = inside(c, seen + (comp,))
-        flops, found = flops + f, found + n
-    return flops, found
+        f, n, d = inside(c, seen + (comp,))
+        flops, found, specs = flops + f, found + n, specs + d
+    return flops, found, specs
 
   ops = {}
   for _comp, name, shape, opcode, args, line in parsed:
     flops = _dot_or_conv_flops(opcode, shape, args, shapes) if opcode in (
         "dot", "convolution") else 0.0
+    specs = [spec] if opcode == "dot" and (spec := _dot_spec(args, shapes)) else []
     found = _op_names(line)
     for c in re.findall(r"calls=%?([\w.\-]+)", line):
-      f, n = inside(c)
-      flops += f
+      f, n, d = inside(c)
+      flops, specs = flops + f, specs + d
       found = found or n
     scope, backward = ("", False)
     if found:  # The most frequent source op of a fusion names it.
       scope, backward = scope_of(collections.Counter(found).most_common(1)[0][0], depth,
                                    merge_layers)
-    ops[name] = HloOp(name, opcode, shape.split("{")[0], flops, scope, backward)
+    ops[name] = HloOp(name, opcode, shape.split("{")[0], flops, scope, backward, tuple(specs))
   return ops
 
 
@@ -238,8 +270,9 @@ def summarize(hlo: str, trace_path: str, *, runs: int | None = None, top: int = 
   trace's `runs` runs. A step on N local devices is N runs (one per device); None: the
   most common count of an instruction's events, which is the number of runs.
 
-  Returns {"runs", "op_s", "span_s", "flops", "scopes": [...], "top": [...]}, per run;
-  scopes and instructions sorted by time. See the module docstring for what is counted.
+  Returns {"runs", "op_s", "span_s", "flops", "flop_op_s", "scopes", "top", "dots"}, per run:
+  scopes and instructions sorted by time, distinct dots (shapes, dimension numbers, calls,
+  FLOPs) by FLOPs. See the module docstring for what is counted.
   """
   ops = hlo_ops(hlo, depth, merge_layers)
   with gzip.open(trace_path, "rt") as fh:
@@ -264,9 +297,15 @@ def summarize(hlo: str, trace_path: str, *, runs: int | None = None, top: int = 
   rows.sort(key=lambda r: -r["seconds"])
   flop_s = sum(s for n, s in seconds.items() if ops[n].flops) / runs
   top_ops = sorted(seconds, key=lambda n: -seconds[n])[:top]
+  calls = collections.Counter()  # Runs of each distinct dot, per run of the program.
+  for name, n in counts.items():
+    for spec in ops[name].dots:
+      calls[spec] += n / runs
   return dict(
       runs=runs, op_s=total, span_s=span / runs, flops=sum(r["flops"] for r in rows),
       flop_op_s=flop_s, scopes=rows,
+      dots=[dict(dataclasses.asdict(spec), calls=c, flops=spec.flops * c)
+            for spec, c in sorted(calls.items(), key=lambda kv: -kv[0].flops * kv[1])],
       top=[dict(name=n, opcode=ops[n].opcode, shape=ops[n].shape, scope=ops[n].scope,
                 direction=_direction(ops[n]),
                 seconds=seconds[n] / runs, calls=counts[n] / runs,
