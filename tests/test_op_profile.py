@@ -108,7 +108,7 @@ def test_a_traced_program_is_summarised_by_scope(tmp_path):
   assert "| layer_* | forward |" in text
 
 
-def test_a_trace_without_the_program_is_one_sentence(tmp_path):
+def test_a_trace_without_the_program_or_a_truncated_one_is_one_sentence(tmp_path):
   trace = tmp_path / "x.trace.json.gz"
   with gzip.open(trace, "wt") as fh:
     json.dump({"traceEvents": [dict(ph="X", name="fusion.1", ts=0, dur=1, pid=1, tid=1)]}, fh)
@@ -117,6 +117,10 @@ def test_a_trace_without_the_program_is_one_sentence(tmp_path):
     op_profile.summarize(hlo, str(trace))
   with pytest.raises(FileNotFoundError, match="no profiler trace"):
     op_profile.latest_trace(str(tmp_path))
+  truncated = tmp_path / "cut.trace.json.gz"
+  truncated.write_bytes(trace.read_bytes()[:20])
+  with pytest.raises(ValueError, match="cut.trace.json.gz: not a readable profiler trace"):
+    op_profile.summarize(hlo, str(truncated))
 
 
 def test_tool_names_a_workdir_without_a_profile(tmp_path):

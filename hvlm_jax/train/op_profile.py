@@ -7,19 +7,21 @@ The trace (`jax.profiler` / `training.profile_steps`) names each executed HLO in
 its duration; the optimised HLO text says what each one computes. From the HLO:
   flops   2 x multiply-adds of every dot and convolution inside the instruction (a fusion's
           called computations included; a strided convolution's gradients count as many as
-          its forward). Loop bodies run as their own instructions, so a
-          while loop's work is counted once per iteration it ran (XLA's cost analysis counts
-          it once per program). Elementwise work is not counted.
+          its forward). Loop bodies run as their own instructions, so a while loop's work is
+          counted once per iteration it ran (XLA's cost analysis counts it once per program).
+          Elementwise work is not counted.
   scope   the model path of the JAX operation it came from (`op_name` metadata, e.g.
           `encoder/block_*/attention`), and whether it is forward or backward (`transpose(`
           in the name). An instruction XLA made itself (a layout copy) has no scope.
-Per scope: time (the events' durations, nested instruction events subtracted), FLOPs and
-their rate. The trace's times add up over the threads that ran instructions side by side, so
-on a multi-core CPU the sum exceeds the wall time; compare shares, not sums with the wall.
+  dots    the shapes and dimension numbers of every dot, to time them alone.
+Per scope and per run of the program: time (the events' durations, nested instruction events
+subtracted), FLOPs and their rate. The times add up over the threads that ran instructions
+side by side, so on a multi-core CPU their sum can exceed the wall time; compare shares.
 
 XLA:CPU runs convolutions on its thread pool after the instruction's event has ended, so a
 convolution's event (hence its scope's time) covers only its dispatch; that time is missing
-from the op total (`untraced_s`: busy thread time the events do not cover).
+from the instruction total, and is part of the gap between it and the threads' spans
+(`span_s`, first to last instruction event per thread, summed).
 """
 from __future__ import annotations
 
@@ -275,8 +277,11 @@ def summarize(hlo: str, trace_path: str, *, runs: int | None = None, top: int = 
   FLOPs) by FLOPs. See the module docstring for what is counted.
   """
   ops = hlo_ops(hlo, depth, merge_layers)
-  with gzip.open(trace_path, "rt") as fh:
-    events = json.load(fh).get("traceEvents", [])
+  try:
+    with gzip.open(trace_path, "rt") as fh:
+      events = json.load(fh).get("traceEvents", [])
+  except (OSError, EOFError, ValueError, AttributeError) as e:
+    raise ValueError(f"{trace_path}: not a readable profiler trace ({e}).") from None
   seconds, counts, span = op_times(events, ops)
   if not seconds:
     raise ValueError(f"{trace_path}: no event of this program's instructions; was it traced "
