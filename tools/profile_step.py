@@ -29,9 +29,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import train_step as bt  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from hvlm_jax import run as run_lib  # noqa: E402
+from hvlm_jax import sharding  # noqa: E402
 from hvlm_jax.train import op_profile  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config to profile.")
@@ -54,8 +59,6 @@ def time_dots_alone(dots: list[dict], share: float) -> dict:
   operands; ~50 ms of runs
   untimed, then the median of runs adding up to >= 100 ms) until `share` of the dot FLOPs is covered.
   Returns the covered FLOPs and seconds per run of the step, and per-dot rows."""
-  import jax.numpy as jnp
-  import numpy as np
   total, covered, seconds, rows = sum(d["flops"] for d in dots), 0.0, 0.0, []
   rng = np.random.default_rng(0)
   for d in dots:
@@ -82,9 +85,6 @@ def time_dots_alone(dots: list[dict], share: float) -> dict:
 
 
 def from_config(config) -> tuple[dict, dict]:
-  import train_step as bt
-  from hvlm_jax import run as run_lib
-  from hvlm_jax import sharding
   run_lib.validate(config, jax.device_count())
   mesh = sharding.make_mesh(config.mesh)
   config, batch = bt.real_batch(config)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import glob
 import gzip
 import json
@@ -102,22 +103,15 @@ def _operands(args: str) -> list[str]:
   return re.findall(r"%([\w.\-]+)", args[:end])
 
 
-def _dot_or_conv_flops(opcode: str, shape: str, args: str, shapes: dict) -> float:
-  out = _dims(shape)
-  operands = _operands(args)
-  if out is None or len(operands) < 2:
-    return 0.0
-  lhs, rhs = shapes.get(operands[0]), shapes.get(operands[1])
-  if opcode == "dot":
-    m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", args)
-    k = math.prod(lhs[int(i)] for i in m.group(1).split(",") if i) if m and lhs else 1
-    return 2.0 * math.prod(out) * k
-  # Convolution: every output element sums over the kernel's other dimensions (its spatial
-  # window and input features, already divided by any feature grouping), padding included.
-  # An input dilated by d (a strided convolution's input gradient) is zeros but for 1 in d:
-  # those products are not counted, so a gradient counts the FLOPs of its forward.
+def _conv_flops(shape: str, args: str, shapes: dict) -> float:
+  """Every output element sums over the kernel's other dimensions (its spatial window and
+  input features, already divided by any feature grouping), padding included. An input
+  dilated by d (a strided convolution's input gradient) is zeros but for 1 in d: those
+  products are not counted, so a gradient counts the FLOPs of its forward."""
+  out, operands = _dims(shape), _operands(args)
+  rhs = shapes.get(operands[1]) if len(operands) >= 2 else None
   m = re.search(r"dim_labels=\w+_(\w+)->", args)
-  if not m or rhs is None or len(m.group(1)) != len(rhs):
+  if out is None or rhs is None or not m or len(m.group(1)) != len(rhs):
     return 0.0
   dilated = re.search(r"lhs_dilate=([\dx]+)", args)
   zeros = math.prod(int(d) for d in dilated.group(1).split("x")) if dilated else 1
@@ -180,49 +174,42 @@ def scope_of(op_name: str, depth: int = 4, merge_layers: bool = True) -> tuple[s
 def hlo_ops(hlo: str, depth: int = 4, merge_layers: bool = True) -> dict[str, HloOp]:
   """Every instruction of an optimised HLO module text, by name (those inside fusions too;
   a fusion's FLOPs include its computations', so do not sum over all instructions)."""
-  comps = _computations(hlo)
   shapes, parsed = {}, []
-  for comp, lines in comps.items():
-    for line in lines:
-      m = _INSTRUCTION.match(line)
-      if m:
-        name, shape, opcode, args = m.groups()
-        shapes[name] = _dims(shape)
-        parsed.append((comp, name, shape, opcode, args, line))
-  own = collections.defaultdict(float)  # Dot / convolution FLOPs directly in a computation.
-  names = collections.defaultdict(list)  # op_names in a computation.
-  calls, dots = collections.defaultdict(list), collections.defaultdict(list)
-  for comp, _name, shape, opcode, args, line in parsed:
-    if opcode in ("dot", "convolution"):
-      own[comp] += _dot_or_conv_flops(opcode, shape, args, shapes)
-    if opcode == "dot" and (spec := _dot_spec(args, shapes)):
-      dots[comp].append(spec)
-    names[comp] += _op_names(line)
-    calls[comp] += re.findall(r"calls=%?([\w.\-]+)", line)
+  for comp, lines in _computations(hlo).items():
+    for m in filter(None, map(_INSTRUCTION.match, lines)):
+      shapes[m.group(1)] = _dims(m.group(2))
+      parsed.append((comp, m))
+  own = {}  # Per instruction: (conv FLOPs, dots, op_names, called computations).
+  for _, m in parsed:
+    name, shape, opcode, args = m.groups()
+    spec = _dot_spec(args, shapes) if opcode == "dot" else None
+    own[name] = (_conv_flops(shape, args, shapes) if opcode == "convolution" else 0.0,
+                 [spec] if spec else [], _op_names(m.group(0)),
+                 re.findall(r"calls=%?([\w.\-]+)", m.group(0)))
+  members = collections.defaultdict(list)
+  for comp, m in parsed:
+    members[comp].append(m.group(1))
 
-  def inside(comp, seen=()):  # FLOPs, op_names, dots of a called computation, recursively.
-    flops, found, specs = own[comp], list(names[comp]), list(dots[comp])
-    for c in calls[comp]:
-      if c not in seen:
-        f, n, d = inside(c, seen + (comp,))
-        flops, found, specs = flops + f, found + n, specs + d
-    return flops, found, specs
+  @functools.cache
+  def total(name):  # (FLOPs, dots, op_names) of an instruction and what it calls.
+    flops, specs, found, calls = own[name]
+    specs, found = list(specs), list(found)
+    for member in (i for c in calls for i in members[c]):
+      f, d, n = total(member)
+      flops, specs, found = flops + f, specs + d, found + n
+    return flops, specs, found
 
   ops = {}
-  for _comp, name, shape, opcode, args, line in parsed:
-    flops = _dot_or_conv_flops(opcode, shape, args, shapes) if opcode in (
-        "dot", "convolution") else 0.0
-    specs = [spec] if opcode == "dot" and (spec := _dot_spec(args, shapes)) else []
-    found = _op_names(line)
-    for c in re.findall(r"calls=%?([\w.\-]+)", line):
-      f, n, d = inside(c)
-      flops, specs = flops + f, specs + d
-      found = found or n
+  for _, m in parsed:
+    name, shape, opcode = m.group(1), m.group(2), m.group(3)
+    conv_flops, specs, found = total(name)
+    found = own[name][2] or found  # Its own op_name, else the most frequent inside it.
     scope, backward = ("", False)
-    if found:  # The most frequent source op of a fusion names it.
+    if found:
       scope, backward = scope_of(collections.Counter(found).most_common(1)[0][0], depth,
                                    merge_layers)
-    ops[name] = HloOp(name, opcode, shape.split("{")[0], flops, scope, backward, tuple(specs))
+    ops[name] = HloOp(name, opcode, shape.split("{")[0],
+                      conv_flops + sum(d.flops for d in specs), scope, backward, tuple(specs))
   return ops
 
 
