@@ -155,7 +155,7 @@ def get_config(arg=None):
       # "chunked" (custom VJP recomputing chunk states), "scan" or "associative" (~2.6x
       # full attention's memory at 6272 tokens).
       bidirectional=True, scan_method="chunked",
-      chunk_size=128))
+      chunk_size=64))  # 64 vs 128: 3-4% faster fwd+bwd at 6272 tokens on CPU (README).
   attention.hierarchical = ml_collections.ConfigDict(dict(
       window=0, pool_sizes=("frame/4",),  # Coarse levels, e.g. (4, "frame"); hierarchical.py.
       query_chunk=1024))

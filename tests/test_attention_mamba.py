@@ -134,3 +134,34 @@ def test_chunked_scan_vjp_equals_autodiff_of_the_plain_recurrence():
     for name, g, r in zip("u delta A B C h0".split(), ours, ref):
       assert g.dtype == jnp.float64
       np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-12, err_msg=name)
+
+
+def test_per_channel_ops_have_autodiffs_gradients():
+  """`_channel_mul` / `_channel_add` (parameter gradients summed as a dot) against JAX's
+  autodiff of the plain broadcast ops, in float64 and, accumulating in float32, bfloat16; and
+  the whole layer's parameter gradients with them against the layer built from plain ops."""
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(7)
+    x, w, g = (jnp.asarray(rng.normal(size=s)) for s in ((2, 5, 3), (3,), (2, 5, 3)))
+    for ours, plain in ((mamba._channel_mul, lambda x, w: x * w),
+                        (mamba._channel_add, lambda x, w: x + w)):
+      for dtype, tol in ((jnp.float64, 1e-12), (jnp.bfloat16, 2e-2)):
+        args = (x.astype(dtype), w.astype(dtype))
+        np.testing.assert_array_equal(ours(*args), plain(*args))
+        got = jax.vjp(ours, *args)[1](g.astype(dtype))
+        want = jax.vjp(plain, *(a.astype(jnp.float64) for a in args))[1](g)
+        for a, b in zip(got, want):
+          assert a.dtype == dtype
+          np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=tol, atol=tol)
+
+  xs = jnp.asarray(rng.normal(size=(2, 20, 8)), jnp.float32)
+  layer = mamba.MambaLayer(chunk_size=8)
+  params = layer.init(jax.random.key(0), xs)
+  grads = lambda: jax.grad(lambda p: jnp.sum(layer.apply(p, xs) ** 2))(params)
+  ours = grads()
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(mamba, "_channel_mul", lambda x, w: x * w)
+    mp.setattr(mamba, "_channel_add", lambda x, w: x + w)
+    ref = grads()
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ours), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
