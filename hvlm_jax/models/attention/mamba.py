@@ -196,6 +196,7 @@ def _chunked_bwd(chunk, residuals, cotangents):
     g_t = ybar_t C_t + a_{t+1} g_{t+1};  Cbar_t = h_t . ybar_t;  Bbar_t = g_t . x_t;
     xbar_t = g_t . B_t;  ubar_t = xbar_t delta_t;  deltabar_t = xbar_t u_t + sum_n s_t A;
     Abar = sum_t s_t delta_t;  h0bar = a_0 g_0.
+  Cbar_t is formed in the recomputing loop, where h_t is at hand.
   """
   u, delta, A, B, C, starts = residuals
   ybar, hbar = cotangents
@@ -206,26 +207,26 @@ def _chunked_bwd(chunk, residuals, cotangents):
     u_k, d_k, b_k, c_k, yb_k, h_in = xs
 
     def recompute(h, xs):
-      u_t, d_t, b_t = xs
-      return _step(h, jnp.exp(at * d_t[:, None, :]), u_t, d_t, b_t), h
+      u_t, d_t, b_t, yb = xs
+      h_t = _step(h, jnp.exp(at * d_t[:, None, :]), u_t, d_t, b_t)
+      return h_t, (h, jnp.einsum("bnd,bd->bn", h_t, yb))
 
-    _, h_prev = jax.lax.scan(recompute, h_in, (u_k, d_k, b_k))
+    _, (h_prev, cbar) = jax.lax.scan(recompute, h_in, (u_k, d_k, b_k, yb_k))
 
     def adjoint(carry, xs):
       g, s_acc = carry
       hp, u_t, d_t, b_t, c_t, yb = xs
       a_t = jnp.exp(at * d_t[:, None, :])
       x_t = d_t * u_t
-      h_t = _step(hp, a_t, u_t, d_t, b_t)
       g = g + c_t[:, :, None] * yb[:, None, :]
       xbar = jnp.einsum("bnd,bn->bd", g, b_t)
       s = g * hp * a_t
       dbar = xbar * u_t + jnp.einsum("bnd,bn->bd", s * at, ones_n)
-      outs = (xbar * d_t, dbar, jnp.einsum("bnd,bd->bn", g, x_t),
-              jnp.einsum("bnd,bd->bn", h_t, yb))
+      outs = (xbar * d_t, dbar, jnp.einsum("bnd,bd->bn", g, x_t))
       return (a_t * g, s_acc + s * d_t[:, None, :]), outs
 
-    return jax.lax.scan(adjoint, carry, (h_prev, u_k, d_k, b_k, c_k, yb_k), reverse=True)
+    carry, outs = jax.lax.scan(adjoint, carry, (h_prev, u_k, d_k, b_k, c_k, yb_k), reverse=True)
+    return carry, outs + (cbar,)
 
   xs = tuple(_time_major(t, chunk) for t in (u, delta, B, C, ybar)) + (starts,)
   (g, s_acc), (ubar, dbar, bbar, cbar) = jax.lax.scan(
