@@ -11,9 +11,10 @@ Methods (same result; `selective_scan_ref` is the Python-loop reference):
                  recurrence g_{t-1} = a_t g_t + C_t ybar_t backwards through it, every
                  gradient formed inside the loop. Time O(L d n) both ways; memory
                  O((L / c) d n + c d n) besides the (L, d) inputs. On XLA:CPU (6272 tokens,
-                 width 768, idle) the backward loops took ~10x the forward loop's instruction
-                 time: each of their ~20 small instructions is a dispatch per step. Forming
-                 the gradients over whole chunks after the loop was slower (README, Mamba).
+                 width 768, idle) the backward loops take ~4x the forward loop's instruction
+                 time (two exps and ~20 small instructions a step, each a dispatch) and the
+                 layer's backward 2.7-3.0x its forward. Forming the gradients over whole
+                 chunks after the loop was slower (README, Mamba).
   "scan":        lax.scan over time, differentiated by JAX: it stores every state, O(L d n)
                  memory, and its backward costs ~10x its forward on CPU.
   "associative": lax.associative_scan over time, parallel in O(log L) depth but it
