@@ -145,3 +145,48 @@ def test_pattern_covering_everything_equals_full_attention(cls, options, causal)
   out = cls(num_heads=4, causal=causal, **options).apply(params, x, mask, key_bias=key_bias)
   real = np.asarray(mask)
   np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref)[real], atol=2e-5)
+
+
+def dense_masked_jax(q, k, v, bias, allowed):
+  """`dense_masked` in JAX float32, differentiable (each allowed set is non-empty)."""
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1]) + bias[:, None, None]
+  p = jax.nn.softmax(jnp.where(allowed, logits, -jnp.inf), axis=-1)
+  return jnp.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+@pytest.mark.parametrize("pattern", ["strided", "local_global"])
+def test_sparse_gradients_equal_dense_masked_gradients(pattern):
+  """The outputs are divided by the softmax sum after the value product (joint_softmax with
+  normalize=False); their gradients in q, k, v and the key bias equal those of a dense masked
+  softmax."""
+  q, k, v, bias = (jnp.asarray(t) for t in qkv_bias(4))
+  if pattern == "strided":
+    allowed = (I % 5 == J % 5) | (I // 5 == J // 5)
+    fn = lambda *a: sparse.strided_attention(*a, stride=5)
+  else:
+    g = sparse.frame_global_positions(N, 9, 2)
+    allowed = np.abs(I // 7 - J // 7) <= 1
+    allowed[g, :] = allowed[:, g] = True
+    fn = lambda *a: sparse.local_global_attention(*a, window=7, global_idx=g, query_chunk=9)
+  ct = jnp.asarray(np.random.default_rng(5).normal(size=(B, N, H, DH)), jnp.float32)
+  grads = lambda f: jax.grad(lambda *a: jnp.sum(f(*a) * ct), argnums=range(4))(q, k, v, bias)
+  for name, got, want in zip("q k v bias".split(), grads(fn),
+                             grads(lambda *a: dense_masked_jax(*a, allowed))):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_joint_softmax_unnormalised_weights_give_the_same_attention():
+  """normalize=False (weights, total): weights @ v / total equals probs @ v, with dropout
+  (the same mask) and for a query whose keys are all masked (NEG: uniform, as before)."""
+  rng = np.random.default_rng(6)
+  logits = [jnp.asarray(rng.normal(size=(2, 5, 4)), jnp.float32),
+            jnp.asarray(rng.normal(size=(2, 5, 3)), jnp.float32)]
+  logits = [lg.at[1, 2].set(sparse.NEG) for lg in logits]  # Query (1, 2) sees no key.
+  vs = [jnp.asarray(rng.normal(size=(2, lg.shape[-1], 6)), jnp.float32) for lg in logits]
+  for rate, key in ((0.0, None), (0.4, jax.random.key(0))):
+    probs = sparse.joint_softmax(logits, rate, key)
+    weights, total = sparse.joint_softmax(logits, rate, key, normalize=False)
+    want = sum(jnp.einsum("bqk,bkd->bqd", p, v) for p, v in zip(probs, vs))
+    got = sum(jnp.einsum("bqk,bkd->bqd", w, v) for w, v in zip(weights, vs)) / total
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(total[1, 2], 7.0)  # exp(0) for each of the 4 + 3 keys.
