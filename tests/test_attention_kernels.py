@@ -291,3 +291,43 @@ def test_cudnn_kernels_equal_the_xla_path_on_a_gpu():
   local = lambda impl: lambda q, k, v: kernels.local_global_dense(
       q, k, v, bias, window=64, global_idx=gi, implementation=impl)
   assert_same_values_and_gradients(local("cudnn"), local("xla"), (q, k, v), mask, atol=3e-2)
+
+
+def quadratic_favor_jax(q, k, v, w_proj, key_bias, mask, eps, causal):
+  """`quadratic_favor` in JAX float32, differentiable: the reference for gradients."""
+  d = q.shape[-1]
+  qs, ks = q * d ** -0.25, k * d ** -0.25
+  lq = jnp.einsum("bnhd,md->bnhm", qs, w_proj) - 0.5 * (qs ** 2).sum(-1, keepdims=True)
+  phi_q = jnp.exp(lq - lq.max(-1, keepdims=True)) + eps
+  log_w = jnp.where(mask, key_bias, -jnp.inf)
+  lk = (jnp.einsum("bnhd,md->bnhm", ks, w_proj) - 0.5 * (ks ** 2).sum(-1, keepdims=True)
+        + log_w[:, :, None, None])
+  out = []
+  for i in range(q.shape[1]):
+    js = slice(0, i + 1) if causal else slice(None)
+    c = lk[:, js].max(axis=(1, 3))
+    phi_k = jnp.exp(lk[:, js] - c[:, None, :, None]) + eps * jnp.exp(log_w[:, js])[..., None, None]
+    a = jnp.einsum("bhm,bjhm->bhj", phi_q[:, i], phi_k)
+    out.append(jnp.einsum("bhj,bjhd->bhd", a, v[:, js]) / a.sum(-1)[..., None])
+  return jnp.stack(out, 1)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_favor_gradients_equal_its_quadratic_kernels(causal, monkeypatch):
+  """Gradients in q, k, v and the key bias, streamed in chunks of 8 (the key scales go on the
+  values, eps through einsums), against autodiff of the quadratic form."""
+  monkeypatch.setattr(linear, "STREAM_CHUNK", 8)
+  q, k, v, key_bias, mask = (jnp.asarray(t) for t in inputs(4))
+  w_proj = linear.orthogonal_features(jax.random.key(1), 16, DH)
+  ct = jnp.asarray(np.random.default_rng(5).normal(size=q.shape) * mask[..., None, None],
+                   jnp.float32)  # Padded queries' outputs are not compared.
+
+  def ours(q, k, v, kb):
+    log_w = linear.key_log_weights(mask, kb, mask.shape)
+    return linear.favor_attention(q, k, v, w_proj, log_w, causal=causal, eps=1e-3,
+                                  chunk_size=8)
+  grads = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) * ct), argnums=range(4)))(
+      q, k, v, key_bias)
+  ref = lambda q, k, v, kb: quadratic_favor_jax(q, k, v, w_proj, kb, mask, 1e-3, causal)
+  for name, got, want in zip("q k v key_bias".split(), grads(ours), grads(ref)):
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5, err_msg=name)
