@@ -20,26 +20,28 @@ def inputs(seed=0, scale=1.0):
   return q, k, v, key_bias, mask
 
 
-def quadratic_favor(q, k, v, w_proj, key_bias, mask, eps, causal):
-  """FAVOR+ kernel as an explicit N x N matrix (float64). phi(q) = exp(w.q' - |q'|^2/2 -
-  max_f) + eps; key j's features exp(w.k' - |k'|^2/2 + key_bias_j - C_i) + eps exp(key_bias_j)
-  with C_i the max over the keys query i sees (the shared stabiliser cancels)."""
-  q, k, v, w_proj = (np.asarray(t, np.float64) for t in (q, k, v, w_proj))
+def quadratic_favor(q, k, v, w_proj, key_bias, mask, eps, causal, xp=np):
+  """FAVOR+ kernel as an explicit N x N matrix. phi(q) = exp(w.q' - |q'|^2/2 - max_f) + eps;
+  key j's features exp(w.k' - |k'|^2/2 + key_bias_j - C_i) + eps exp(key_bias_j) with C_i the
+  max over the keys query i sees (the shared stabiliser cancels). xp=np: float64 NumPy;
+  xp=jnp: float32 JAX, differentiable (the reference for gradients)."""
+  if xp is np:
+    q, k, v, w_proj = (np.asarray(t, np.float64) for t in (q, k, v, w_proj))
   d = q.shape[-1]
   qs, ks = q * d ** -0.25, k * d ** -0.25
-  lq = np.einsum("bnhd,md->bnhm", qs, w_proj) - 0.5 * (qs ** 2).sum(-1, keepdims=True)
-  phi_q = np.exp(lq - lq.max(-1, keepdims=True)) + eps
-  log_w = np.where(mask, key_bias, -np.inf)
-  lk = (np.einsum("bnhd,md->bnhm", ks, w_proj) - 0.5 * (ks ** 2).sum(-1, keepdims=True)
+  lq = xp.einsum("bnhd,md->bnhm", qs, w_proj) - 0.5 * (qs ** 2).sum(-1, keepdims=True)
+  phi_q = xp.exp(lq - lq.max(-1, keepdims=True)) + eps
+  log_w = xp.where(mask, key_bias, -xp.inf)
+  lk = (xp.einsum("bnhd,md->bnhm", ks, w_proj) - 0.5 * (ks ** 2).sum(-1, keepdims=True)
         + log_w[:, :, None, None])
-  out = np.zeros(q.shape)
+  out = []
   for i in range(q.shape[1]):
-    js = np.arange(i + 1) if causal else np.arange(q.shape[1])
+    js = slice(0, i + 1) if causal else slice(None)
     c = lk[:, js].max(axis=(1, 3))  # (B, H)
-    phi_k = np.exp(lk[:, js] - c[:, None, :, None]) + eps * np.exp(log_w[:, js])[..., None, None]
-    a = np.einsum("bhm,bjhm->bhj", phi_q[:, i], phi_k)
-    out[:, i] = np.einsum("bhj,bjhd->bhd", a, v[:, js]) / a.sum(-1)[..., None]
-  return out
+    phi_k = xp.exp(lk[:, js] - c[:, None, :, None]) + eps * xp.exp(log_w[:, js])[..., None, None]
+    a = xp.einsum("bhm,bjhm->bhj", phi_q[:, i], phi_k)
+    out.append(xp.einsum("bhj,bjhd->bhd", a, v[:, js]) / a.sum(-1)[..., None])
+  return xp.stack(out, 1)
 
 
 def quadratic_linear(q, k, v, key_bias, mask, eps, causal):
@@ -293,25 +295,6 @@ def test_cudnn_kernels_equal_the_xla_path_on_a_gpu():
   assert_same_values_and_gradients(local("cudnn"), local("xla"), (q, k, v), mask, atol=3e-2)
 
 
-def quadratic_favor_jax(q, k, v, w_proj, key_bias, mask, eps, causal):
-  """`quadratic_favor` in JAX float32, differentiable: the reference for gradients."""
-  d = q.shape[-1]
-  qs, ks = q * d ** -0.25, k * d ** -0.25
-  lq = jnp.einsum("bnhd,md->bnhm", qs, w_proj) - 0.5 * (qs ** 2).sum(-1, keepdims=True)
-  phi_q = jnp.exp(lq - lq.max(-1, keepdims=True)) + eps
-  log_w = jnp.where(mask, key_bias, -jnp.inf)
-  lk = (jnp.einsum("bnhd,md->bnhm", ks, w_proj) - 0.5 * (ks ** 2).sum(-1, keepdims=True)
-        + log_w[:, :, None, None])
-  out = []
-  for i in range(q.shape[1]):
-    js = slice(0, i + 1) if causal else slice(None)
-    c = lk[:, js].max(axis=(1, 3))
-    phi_k = jnp.exp(lk[:, js] - c[:, None, :, None]) + eps * jnp.exp(log_w[:, js])[..., None, None]
-    a = jnp.einsum("bhm,bjhm->bhj", phi_q[:, i], phi_k)
-    out.append(jnp.einsum("bhj,bjhd->bhd", a, v[:, js]) / a.sum(-1)[..., None])
-  return jnp.stack(out, 1)
-
-
 @pytest.mark.parametrize("causal", [False, True])
 def test_favor_gradients_equal_its_quadratic_kernels(causal, monkeypatch):
   """Gradients in q, k, v and the key bias, streamed in chunks of 8 (the key scales go on the
@@ -328,6 +311,6 @@ def test_favor_gradients_equal_its_quadratic_kernels(causal, monkeypatch):
                                   chunk_size=8)
   grads = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) * ct), argnums=range(4)))(
       q, k, v, key_bias)
-  ref = lambda q, k, v, kb: quadratic_favor_jax(q, k, v, w_proj, kb, mask, 1e-3, causal)
+  ref = lambda q, k, v, kb: quadratic_favor(q, k, v, w_proj, kb, mask, 1e-3, causal, jnp)
   for name, got, want in zip("q k v key_bias".split(), grads(ours), grads(ref)):
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5, err_msg=name)
