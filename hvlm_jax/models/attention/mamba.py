@@ -40,10 +40,10 @@ METHODS = ("scan", "associative", "chunked")
 
 # Per-channel parameters (conv taps and bias, D) act on every token of a chunk; their gradients
 # sum over the tokens. Differentiated by JAX, that sum is a reduce over a major axis, which
-# XLA:CPU's YNN library ran at ~2.5 ms per (128, 1536) chunk inside the layer's loops (profiled;
-# a single such reduce alone takes ~0.06 ms). These two give the same values with the sum written
-# as a (1 x N) @ (N x d) dot, accumulated in float32 or wider; a forward + backward at 6272 tokens, width
-# 768 went from 3.2 s to 2.4 s (README, Mamba).
+# XLA:CPU's YNN library ran at ~2.5 ms per (128, 1536) chunk inside the layer's loops
+# (profiled; a single such reduce alone takes ~0.06 ms). These two give the same values with
+# the sum written as a (1 x N) @ (N x d) dot, accumulated in float32 or wider; a forward +
+# backward at 6272 tokens, width 768 went from 3.2 s to 2.4 s (README, Mamba).
 def _leading_sum(t):
   """Sum over every axis but the last, in float32 or wider."""
   flat = t.reshape(-1, t.shape[-1]).astype(jnp.promote_types(t.dtype, jnp.float32))
