@@ -88,6 +88,22 @@ REMAT_POLICIES = {
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "everything_saveable": jax.checkpoint_policies.everything_saveable,
 }
+def scan_layers_mode(value) -> bool | str | None:
+  """config.model.scan_layers ("auto", "true", "false", any case, or a bool) -> "auto", True or
+  False; None for anything else."""
+  if isinstance(value, bool):
+    return value
+  return {"auto": "auto", "true": True, "false": False}.get(str(value).lower())
+
+
+def scan_unsupported(attention_type: str, merging: bool) -> str | None:
+  """Why the encoder's blocks cannot run as one scan (VideoEncoder.scan_layers), or None."""
+  if merging:
+    return "token merging changes the number of tokens between blocks"
+  if attention_type == "performer":
+    return ("performer attention keys its fixed random features by each block's name "
+            "(config.model.attention.type='performer')")
+  return None
 
 
 class Mlp(nn.Module):
@@ -262,6 +278,11 @@ class VideoEncoder(nn.Module):
   dropout_rate: float = 0.0
   lora: LoRASpec | None = None
   remat_policy: str | None = None  # None: no rematerialisation.
+  # config.model.scan_layers: run the blocks as one lax.scan over their stacked parameters
+  # ("auto": wherever `scan_unsupported` finds no reason against it; True / "true": there,
+  # else an error; False / "false": unrolled). Parameters stay per block (block_0, ...), so checkpoints, init_from
+  # and pretrained imports are the same either way (see `_scanned_blocks`).
+  scan_layers: bool | str = "auto"
   token_merging: MergingSpec | None = None  # None: no merging.
   # Motion input streams added to the RGB tubelets (clip mode): "difference" (frame
   # differences as 3 more input channels) and/or "flow" (per-token optical-flow descriptors,
@@ -331,7 +352,20 @@ class VideoEncoder(nn.Module):
     arch = dict(qkv_bias=self.qkv_bias, layer_norm_epsilon=self.layer_norm_epsilon,
                 gelu=self.gelu)
     key_bias = None
-    for i in range(self.num_layers):
+    reason = scan_unsupported(self.attention_type, merging)
+    scan = scan_layers_mode(self.scan_layers)
+    if scan is True and reason:
+      raise ValueError(f"config.model.scan_layers=True cannot be used: {reason}; set it to "
+                       "'auto' or False.")
+    scanned = scan in (True, "auto") and not reason
+    if scanned and not self.is_initializing():  # Initialisation creates block_i as unrolled.
+      options = attention_lib.resolve_frame_options(
+          self.attention_type, dict(self.attention_options), max((x.shape[1] - n_cls) // t, 1))
+      block = EncoderBlock(self.num_heads, self.mlp_dim, self.attention_type,
+                           tuple(sorted(options.items())), self.dropout_rate, self.lora,
+                           parent=None, **arch, **kw)
+      x = self._scanned_blocks(block, x, jnp.ones(x.shape[:2], bool), domain, deterministic)
+    for i in range(0 if scanned and not self.is_initializing() else self.num_layers):
       if merging and rs[i]:  # The CLS token (last) is never merged.
         grid_x, state = merging_lib.merge_step(x[:, :x.shape[1] - n_cls], state, rs[i], grid3,
                                                **step_kw)
@@ -368,6 +402,34 @@ class VideoEncoder(nn.Module):
       out.update(extras, sizes=state.sizes, assignment=state.assignment,
                  positions=merging_lib.token_positions(state, grid3))
     return out
+
+  def _scanned_blocks(self, block: EncoderBlock, x, mask, domain, deterministic):
+    """The blocks as one `lax.scan` over their parameters stacked on a leading layer axis.
+
+    Same parameters and the same maths as the unrolled loop; what changes is the program. The
+    backward pass then carries the residual stream's gradient from block to block as the
+    loop's state, computed once per block. Unrolled, XLA:CPU fuses that chain of sums into
+    every transposing copy that needs it (each block's weight gradients), recomputing
+    it from the top of the stack each time: quadratic in depth (in the demo step, 111 of
+    610 ms; benchmarks/train/scan_layers/). One block is also compiled once instead of L
+    times. The stacking copies the blocks' parameters once per step. Dropout keys are split
+    per layer from the encoder's stream, so the masks differ from the unrolled run's.
+    """
+    params = nn.meta.unbox([self.variables["params"][f"block_{i}"]
+                            for i in range(self.num_layers)])
+    stacked = jax.tree.map(lambda *p: jnp.stack(p), *params)
+    rngs = {}
+    if not deterministic and self.has_rng("dropout"):
+      rngs["dropout"] = jax.random.split(self.make_rng("dropout"), self.num_layers)
+
+    def body(x, layer):
+      p, r = layer
+      return block.apply({"params": p}, x, mask, None, domain, deterministic, rngs=r), None
+
+    if self.remat_policy:
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=False)
+    x, _ = jax.lax.scan(body, x, (stacked, rngs))
+    return x
 
   def check_architecture(self):
     """ValueError naming the config key of an architecture option out of its choices."""

@@ -44,8 +44,9 @@ from hvlm_jax.models.domain.experts import (ROUTING_MODES, DomainExperts, Domain
                                             router_losses, routing_weights)
 from hvlm_jax.models.domain.lora import TARGETS, LoRASpec
 from hvlm_jax.models.encoder import (ARCHITECTURE_KEYS, CHANNEL_ORDERS, GELUS, MOTION_INPUTS,
-                                     POOLINGS, POSITION_EMBEDDINGS, STEM_NORMS, STEMS,
-                                     VideoEncoder, encoder_architecture)
+                                     POOLINGS, POSITION_EMBEDDINGS, STEM_NORMS,
+                                     STEMS, VideoEncoder, encoder_architecture,
+                                     scan_layers_mode, scan_unsupported)
 from hvlm_jax.models.layers import ABSENT_QKV_BIASES, dense
 from hvlm_jax.models.token_merging import MergingSpec
 from hvlm_jax.models.token_merging.merging import unmerge_to_grid
@@ -134,6 +135,15 @@ def check_encoder_config(model_config, video_config) -> None:
   if len(tuple(model_config.tubelet_size)) != 3 or min(model_config.tubelet_size) < 1:
     raise ConfigError(f"config.model.tubelet_size={tuple(model_config.tubelet_size)} must be "
                       "three positive sizes (time, height, width).")
+  scan = scan_layers_mode(model_config.get("scan_layers", "auto"))
+  if scan is None:
+    raise ConfigError(f"config.model.scan_layers={model_config.scan_layers!r} must be 'auto', "
+                      "'true' or 'false'.")
+  reason = scan_unsupported(model_config.attention.type,
+                            MergingSpec.from_config(model_config.token_merging) is not None)
+  if scan is True and reason:
+    raise ConfigError(f"config.model.scan_layers='true' cannot be used: {reason}; set it "
+                      "to 'auto' or 'false'.")
   t, p, q = model_config.tubelet_size
   stem = model_config.get("stem", "patch")
   if stem not in STEMS:
@@ -240,6 +250,7 @@ def build_encoder(cfg, dtype=jnp.float32, remat_policy: str | None = None,
       tubelet_size=tuple(cfg.tubelet_size), attention_type=cfg.attention.type,
       attention_options=attention_options(cfg), dropout_rate=cfg.dropout_rate,
       lora=lora_spec(cfg), remat_policy=remat_policy,
+      scan_layers=cfg.get("scan_layers", "auto"),
       token_merging=MergingSpec.from_config(cfg.token_merging),
       motion_input=tuple(cfg.get("motion_input", ())), stem=str(cfg.get("stem", "patch")),
       stem_norm=str(cfg.get("stem_norm", "layer")),

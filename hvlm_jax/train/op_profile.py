@@ -213,6 +213,49 @@ def hlo_ops(hlo: str, depth: int = 4, merge_layers: bool = True) -> dict[str, Hl
   return ops
 
 
+def program_flops(hlo: str) -> tuple[float, int]:
+  """(FLOPs of one run of an optimised HLO module, loops whose trip count XLA did not know).
+
+  2 x the multiply-adds of every dot and convolution the ENTRY computation runs, fusions and
+  calls included; a while loop's body and condition counted once per iteration of its
+  `known_trip_count` (nested loops multiply); a conditional's costliest branch. A loop without
+  a known trip count is counted once, as XLA's own cost analysis counts every loop."""
+  comps = {c: list(filter(None, map(_INSTRUCTION.match, lines)))
+           for c, lines in _computations(hlo).items()}
+  shapes = {m.group(1): _dims(m.group(2)) for ms in comps.values() for m in ms}
+  unknown = 0
+
+  @functools.cache
+  def computation(comp: str) -> float:
+    return sum(instruction(m) for m in comps.get(comp, ()))
+
+  def instruction(m) -> float:
+    nonlocal unknown
+    _, shape, opcode, args = m.groups()
+    line = m.group(0)
+    if opcode == "dot":
+      spec = _dot_spec(args, shapes)
+      return spec.flops if spec else 0.0
+    if opcode == "convolution":
+      return _conv_flops(shape, args, shapes)
+    if opcode == "while":
+      body = re.search(r"body=%?([\w.\-]+)", line).group(1)
+      cond = re.search(r"condition=%?([\w.\-]+)", line).group(1)
+      trips = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', line)
+      unknown += trips is None
+      return int(trips.group(1) if trips else 1) * (computation(body) + computation(cond))
+    if opcode == "conditional":
+      branches = re.search(r"branch_computations=\{([^}]*)\}", line)
+      found = (re.findall(r"%?([\w.\-]+)", branches.group(1)) if branches else
+               re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", line))
+      return max((computation(c) for c in found), default=0.0)
+    return sum(computation(c) for c in re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", line)
+               if opcode in ("fusion", "call"))
+
+  entry = re.search(r"^ENTRY\s+%?([\w.\-]+)", hlo, re.M)
+  return (computation(entry.group(1)) if entry else 0.0), unknown
+
+
 def _direction(op: HloOp) -> str:
   return "" if not op.scope else "backward" if op.backward else "forward"
 
