@@ -41,6 +41,9 @@ _PAIRS = flags.DEFINE_integer(
 _TRACE_CACHE = flags.DEFINE_bool(
     "trace_cache", True, "config.trace_cache of the runs (false: every start traces the model, "
     "as before the trace cache existed).")
+_SET = flags.DEFINE_list(
+    "set", [], "Config keys of every run, e.g. --set=model.scan_layers=false (passed as "
+    "--config.KEY=VALUE).")
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -86,7 +89,7 @@ def main(argv):
   try:
     # Generate the dataset (if the config asks for synthetic data) outside the timings.
     _run(os.path.join(scratch, "warmup_data"), os.path.join(scratch, "unused_cache"),
-         ["--config.compilation_cache=off"])
+         ["--config.compilation_cache=off", *(f"--config.{kv}" for kv in _SET.value)])
     runs = []
     for pair in range(_PAIRS.value):
       cache = os.path.join(scratch, f"cache{pair}")
@@ -94,7 +97,8 @@ def main(argv):
       for i in range(_RUNS.value):
         series.append(dict(pair=pair + 1, run=i + 1, cache="cold" if i == 0 else "warm",
                            **_run(os.path.join(scratch, f"pair{pair}_run{i}"), cache,
-                                  [f"--config.trace_cache={str(_TRACE_CACHE.value).lower()}"])))
+                                  [f"--config.trace_cache={str(_TRACE_CACHE.value).lower()}",
+                                   *(f"--config.{kv}" for kv in _SET.value)])))
         print(series[-1], flush=True)
       for r in series:
         for measure in ("first_step", "wall", "cpu"):

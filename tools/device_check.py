@@ -51,6 +51,8 @@ _MAX_MEM = flags.DEFINE_float("max_memory_fraction", 0.8,
 _SECTIONS = flags.DEFINE_multi_enum("sections", ["kernels", "attention", "train"],
                                     ["kernels", "attention", "train"],
                                     "Sections to run (the matmul rate is always measured).")
+_SCAN = flags.DEFINE_enum("scan_layers", "auto", ["auto", "true", "false"],
+                          "config.model.scan_layers of the train step's encoder.")
 _DTYPES = flags.DEFINE_multi_enum("dtypes", ["float32", "bfloat16"], ["float32", "bfloat16"],
                                   "Compute dtypes of the train section and the matmul probe.")
 
@@ -180,7 +182,7 @@ def bench_attention(smoke: bool, repeats: int) -> list[dict]:
 def bench_train(smoke: bool, repeats: int, matmul: dict) -> list[dict]:
   """The train step per (dtype, remat). MFU uses the datasheet peak (perf.peak_flops); where
   there is none (CPU), the dense matmul rate measured in this run (`mfu_basis`)."""
-  config, batch = vit_config(smoke), 2
+  config, batch = vit_config(smoke, _SCAN.value), 2
   clips = vit_clips(config, batch)
   rows = []
   for dtype in [jnp.dtype(d) for d in _DTYPES.value]:

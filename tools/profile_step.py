@@ -103,9 +103,9 @@ def from_config(config) -> tuple[dict, dict]:
   alone = time_dots_alone(summary["dots"], _ALONE.value)
   meta = dict(device=f"{jax.devices()[0].platform} x{jax.device_count()}",
               cpus=os.cpu_count(), jax=jax.__version__, step_s=step_s,
-              xla_gflop=runner.stats["xla_gflop"], matmul_size=_MATMUL.value,
-              matmul_gflops=matmul_gflops,
-              matmul_fraction=runner.stats["xla_gflop"] / step_s / matmul_gflops,
+              gflop=runner.stats["gflop"], xla_gflop=runner.stats["xla_gflop"],
+              matmul_size=_MATMUL.value, matmul_gflops=matmul_gflops,
+              matmul_fraction=runner.stats["gflop"] / step_s / matmul_gflops,
               load_avg=os.getloadavg()[0], dots_alone=alone)
   return summary, meta
 
@@ -117,7 +117,7 @@ def dots_alone_line(meta: dict) -> str:
           f"{a['flops'] / 1e9:.2f} of its {a['total_flops'] / 1e9:.2f} dot GFLOP, each timed "
           f"as a lone jitted dot_general, take {1e3 * a['seconds']:.1f} ms a step: "
           f"{rate:.1f} GFLOP/s, {rate / meta['matmul_gflops']:.1%} of the matmul rate. A step at "
-          f"40% of that rate would take {1e3 * meta['xla_gflop'] / (0.4 * meta['matmul_gflops']):.0f}"
+          f"40% of that rate would take {1e3 * meta['gflop'] / (0.4 * meta['matmul_gflops']):.0f}"
           " ms in all.")
 
 
@@ -160,8 +160,9 @@ def main(argv):
     head[-1:] = [
         f"Device: {meta['device']} ({meta['cpus']} cores; 1-min load {meta['load_avg']:.1f}), "
         f"jax {meta['jax']}. Step {meta['step_s']:.3f} s (median of {_TIMED.value}, untraced), "
-        f"{meta['xla_gflop']:.2f} GFLOP by XLA's count: "
-        f"{meta['xla_gflop'] / meta['step_s']:.1f} GFLOP/s, "
+        f"{meta['gflop']:.2f} GFLOP in dots and convolutions, loops counted per iteration "
+        f"({meta['xla_gflop']:.2f} by XLA's count, which adds elementwise work and counts a "
+        f"loop once): {meta['gflop'] / meta['step_s']:.1f} GFLOP/s, "
         f"{meta['matmul_fraction']:.1%} of the dense float32 matmul rate measured in this "
         f"run ({meta['matmul_gflops']:.0f} GFLOP/s at {meta['matmul_size']}^2).", "",
         dots_alone_line(meta), "", ""]

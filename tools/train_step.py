@@ -17,7 +17,7 @@ from flax import linen as nn
 from hvlm_jax import data as data_lib
 from hvlm_jax import run as run_lib
 from hvlm_jax import sharding
-from hvlm_jax.train import trainer
+from hvlm_jax.train import op_profile, trainer
 
 VARIANTS = {
     "f32": dict(mixed_precision=False, gradient_checkpointing=False),
@@ -25,6 +25,9 @@ VARIANTS = {
     "bf16": dict(mixed_precision=True, gradient_checkpointing=False),
     "bf16_remat": dict(mixed_precision=True, gradient_checkpointing=True),
 }
+# The same with the encoder's blocks unrolled (config.model.scan_layers="false").
+VARIANTS.update({f"{k}_unrolled": dict(v, **{"model.scan_layers": "false"})
+                 for k, v in list(VARIANTS.items())})
 
 
 def real_batch(config):
@@ -39,9 +42,15 @@ def real_batch(config):
 
 
 def with_training(config, **training):
+  """A copy of `config` with these training keys (a dotted key, e.g. "model.scan_layers",
+  names its own section)."""
   config = ml_collections.ConfigDict(config.to_dict())
   for k, v in training.items():
-    config.training[k] = v
+    section, _, key = k.rpartition(".")
+    node = config
+    for part in (section.split(".") if section else ["training"]):
+      node = node[part]
+    node[key] = v
   return config
 
 
@@ -54,6 +63,9 @@ def encoder_tokens(config) -> int:
 def compiled_stats(compiled, nxn_shape=None) -> dict:
   """FLOPs and the memory XLA plans for a compiled program (bytes -> MiB).
 
+  gflop: the dots and convolutions the program runs, each loop counted per iteration
+  (op_profile.program_flops; `unknown_loops` were counted once); xla_gflop: XLA's cost
+  analysis, which also counts elementwise work but every loop body once.
   nxn_shape: (B, H, N, N) of full attention's logits; the HLO values of that shape are
   counted per dtype (where the memory of full attention goes).
   """
@@ -69,8 +81,9 @@ def compiled_stats(compiled, nxn_shape=None) -> dict:
   mib = lambda b: b / 2 ** 20
   args, temp = mem.argument_size_in_bytes, mem.temp_size_in_bytes
   out, alias = mem.output_size_in_bytes, mem.alias_size_in_bytes
-  return dict(xla_gflop=cost.get("flops", float("nan")) / 1e9,
-              has_loops="while(" in text, nxn_values=nxn,
+  flops, unknown_loops = op_profile.program_flops(text)
+  return dict(xla_gflop=cost.get("flops", float("nan")) / 1e9, gflop=flops / 1e9,
+              unknown_loops=unknown_loops, has_loops="while(" in text, nxn_values=nxn,
               argument_mib=mib(args), temp_mib=mib(temp), output_mib=mib(out),
               alias_mib=mib(alias), peak_mib=mib(args + temp + out - alias))
 

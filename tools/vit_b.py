@@ -11,9 +11,10 @@ from configs import base
 from hvlm_jax.models.model import build_encoder
 
 
-def vit_config(smoke: bool):
+def vit_config(smoke: bool, scan_layers: str = "auto"):
   config = base.get_config("frames=4,frame_size=32" if smoke else "frames=8,frame_size=224")
   m = config.model
+  m.scan_layers = scan_layers
   if smoke:
     m.hidden_size, m.num_layers, m.num_attention_heads, m.mlp_dim = 64, 2, 2, 128
     m.tubelet_size = (2, 8, 8)
