@@ -261,7 +261,7 @@ _FREE_MODEL_LEAVES = ("dropout", "dropout_rate", "attention_dropout_rate", "dtyp
 _FREE_MODEL_KEYS = ("model.heads.num_classes", "model.heads.vocab_size",
                     "model.heads.num_answers", "model.streaming.enabled",
                     "model.streaming.auto_threshold", "model.streaming.truncation",
-                    "model.streaming.remat_segments")
+                    "model.streaming.remat_segments", "model.scan_layers")
 # What a run leaves in its workdir: moved together to previous_runs/ by training.resume=new_run.
 RUN_FILES = ("config.json", "vocabularies.json", "checkpoints", "tensorboard", "eval",
              "quarantine", "final_metrics.json", "init_report.json", "parameters.txt")

@@ -104,6 +104,7 @@ BAD_KEYS = [
     ("model.attention.strided.stride", -4),
     ("model.attention.cross_memory.memory_source", "pool"),
     ("model.motion_input", ("flow", "optical")),
+    ("model.scan_layers", "yes"),
     ("model.stem", "convolution"),
     ("model.stem_norm", "batch"),
     ("model.stem_width", -8),

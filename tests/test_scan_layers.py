@@ -113,3 +113,18 @@ def test_auto_runs_performer_unrolled():
   params = nn.meta.unbox(auto.init(jax.random.key(0), x))["params"]
   tokens = lambda enc: jax.jit(lambda p: enc.apply({"params": p}, x)["tokens"])(params)  # noqa: E731
   np.testing.assert_array_equal(tokens(auto), tokens(unrolled))  # The same program.
+
+
+def test_a_run_resumes_with_scan_layers_changed():
+  """The parameters are the same either way: a workdir's run continues when only the scan
+  setting changed (or its config.json predates the key)."""
+  saved = base.get_config("runlocal=true")
+  saved.model.scan_layers = "false"
+  config = base.get_config("runlocal=true")
+  assert run_lib.run_config_differences(saved.to_dict(), config) == []
+  older = saved.to_dict()
+  del older["model"]["scan_layers"]
+  assert run_lib.run_config_differences(older, config) == []
+  config.model.num_layers += 1  # A key that changes the parameters still counts.
+  assert run_lib.run_config_differences(saved.to_dict(), config) == [
+      f"model.num_layers: {saved.model.num_layers} -> {config.model.num_layers}"]
