@@ -61,6 +61,11 @@ def test_scope_names_the_module_path_and_direction():
               "StreamingVLM/qa_head/(ln_video/reduce_sum:layer_0/layer_0._self_qkv/ln_self/"
               "reduce_sum)")
   assert op_profile.scope_of(exported) == ("StreamingVLM/qa_head/ln_video", False)
+  # The encoder's scanned blocks (config.model.scan_layers), rematerialised: the loop and
+  # checkpoint plumbing is dropped, so the scope reads as an unrolled block's.
+  scanned = ("jit(train_step)/transpose(jvp(StreamingVLM))/StreamingVLM/StreamingVLM.encode/"
+             "encoder/while/body/checkpoint/closed_call/block_*/mlp/mlp_in/dot_general")
+  assert op_profile.scope_of(scanned) == ("StreamingVLM.encode/encoder/block_*/mlp", True)
 
 
 def test_event_times_subtract_nested_events_per_thread():

@@ -239,6 +239,39 @@ class ConvStem(nn.Module):
                     bias_init=partitioned(nn.initializers.zeros, ("embed",)), **kw)(y)
 
 
+def scanned_blocks(encoder: nn.Module, block: EncoderBlock, x, mask, domain, deterministic):
+  """`encoder`'s blocks (block_0 ... block_{L-1}) as one `lax.scan` over their parameters
+  stacked on a leading layer axis; called from the bound encoder's __call__ (a function, not a
+  method, so profiles name the loop's operations `encoder/block_*/...` as unrolled blocks'
+  are after op_profile merges layer numbers: `block` is named "block_*").
+
+  Same parameters and the same maths as the unrolled loop; what changes is the program. The
+  backward pass then carries the residual stream's gradient from block to block as the
+  loop's state, computed once per block. Unrolled, XLA:CPU fuses that chain of sums into
+  every transposing copy that needs it (each block's weight gradients), recomputing it from
+  the top of the stack each time: quadratic in depth (benchmarks/profile/demo_unrolled/:
+  four such copies take 20, 19, 10 and 9 ms of the demo step). One block is also compiled
+  once instead of L times (benchmarks/train/scan_layers/). The stacking copies the blocks'
+  parameters once per step. Dropout keys are split per layer from the encoder's stream, so
+  the masks differ from the unrolled run's.
+  """
+  layers = encoder.num_layers
+  params = nn.meta.unbox([encoder.variables["params"][f"block_{i}"] for i in range(layers)])
+  stacked = jax.tree.map(lambda *p: jnp.stack(p), *params)
+  rngs = {}
+  if not deterministic and encoder.has_rng("dropout"):
+    rngs["dropout"] = jax.random.split(encoder.make_rng("dropout"), layers)
+
+  def body(x, layer):
+    p, r = layer
+    return block.apply({"params": p}, x, mask, None, domain, deterministic, rngs=r), None
+
+  if encoder.remat_policy:
+    body = jax.checkpoint(body, policy=REMAT_POLICIES[encoder.remat_policy], prevent_cse=False)
+  x, _ = jax.lax.scan(body, x, (stacked, rngs))
+  return x
+
+
 class VideoEncoder(nn.Module):
   """Clip -> tokens and per-time-step features.
 
@@ -281,7 +314,7 @@ class VideoEncoder(nn.Module):
   # config.model.scan_layers: run the blocks as one lax.scan over their stacked parameters
   # ("auto": wherever `scan_unsupported` finds no reason against it; True / "true": there,
   # else an error; False / "false": unrolled). Parameters stay per block (block_0, ...), so checkpoints, init_from
-  # and pretrained imports are the same either way (see `_scanned_blocks`).
+  # and pretrained imports are the same either way (see `scanned_blocks`).
   scan_layers: bool | str = "auto"
   token_merging: MergingSpec | None = None  # None: no merging.
   # Motion input streams added to the RGB tubelets (clip mode): "difference" (frame
@@ -363,8 +396,8 @@ class VideoEncoder(nn.Module):
           self.attention_type, dict(self.attention_options), max((x.shape[1] - n_cls) // t, 1))
       block = EncoderBlock(self.num_heads, self.mlp_dim, self.attention_type,
                            tuple(sorted(options.items())), self.dropout_rate, self.lora,
-                           parent=None, **arch, **kw)
-      x = self._scanned_blocks(block, x, jnp.ones(x.shape[:2], bool), domain, deterministic)
+                           parent=None, name="block_*", **arch, **kw)
+      x = scanned_blocks(self, block, x, jnp.ones(x.shape[:2], bool), domain, deterministic)
     for i in range(0 if scanned and not self.is_initializing() else self.num_layers):
       if merging and rs[i]:  # The CLS token (last) is never merged.
         grid_x, state = merging_lib.merge_step(x[:, :x.shape[1] - n_cls], state, rs[i], grid3,
@@ -402,34 +435,6 @@ class VideoEncoder(nn.Module):
       out.update(extras, sizes=state.sizes, assignment=state.assignment,
                  positions=merging_lib.token_positions(state, grid3))
     return out
-
-  def _scanned_blocks(self, block: EncoderBlock, x, mask, domain, deterministic):
-    """The blocks as one `lax.scan` over their parameters stacked on a leading layer axis.
-
-    Same parameters and the same maths as the unrolled loop; what changes is the program. The
-    backward pass then carries the residual stream's gradient from block to block as the
-    loop's state, computed once per block. Unrolled, XLA:CPU fuses that chain of sums into
-    every transposing copy that needs it (each block's weight gradients), recomputing
-    it from the top of the stack each time: quadratic in depth (benchmarks/profile/
-    demo_unrolled/: four such copies take 20, 19, 10 and 9 ms of the demo step). One block
-    is also compiled once instead of L times (benchmarks/train/scan_layers/). The stacking copies the blocks' parameters once per step. Dropout keys are split
-    per layer from the encoder's stream, so the masks differ from the unrolled run's.
-    """
-    params = nn.meta.unbox([self.variables["params"][f"block_{i}"]
-                            for i in range(self.num_layers)])
-    stacked = jax.tree.map(lambda *p: jnp.stack(p), *params)
-    rngs = {}
-    if not deterministic and self.has_rng("dropout"):
-      rngs["dropout"] = jax.random.split(self.make_rng("dropout"), self.num_layers)
-
-    def body(x, layer):
-      p, r = layer
-      return block.apply({"params": p}, x, mask, None, domain, deterministic, rngs=r), None
-
-    if self.remat_policy:
-      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=False)
-    x, _ = jax.lax.scan(body, x, (stacked, rngs))
-    return x
 
   def check_architecture(self):
     """ValueError naming the config key of an architecture option out of its choices."""

@@ -43,6 +43,10 @@ _DIMS = re.compile(r"^\(?\w+\[([\d,]*)\]")
 # Components of an op_name that are transformations of a scope: jvp(Model), jit(f), ...
 _WRAPPER = re.compile(r"^(\w+)\((.*)\)$")
 _LAYER = re.compile(r"(?<=_)\d+$")
+# Components a loop or a checkpoint adds to the op_names inside it (`encoder/while/body/
+# closed_call/block_*/mlp`): dropped, so a scanned block's scope reads like an unrolled one's.
+_LOOP_PLUMBING = frozenset(("while", "body", "cond", "closed_call", "checkpoint", "remat",
+                            "rematted_computation"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,16 +151,16 @@ def scope_of(op_name: str, depth: int = 4, merge_layers: bool = True) -> tuple[s
 
   `jit(train_step)/transpose(jvp(Model))/Model/Model.encode/encoder/block_1/mlp/dot_general`
   -> (`Model.encode/encoder/block_*/mlp`, True): jit dropped, other transformations unwrapped
-  (`jvp(layer_0)` -> `layer_0`), repeats, the primitive and a module listed before its own
-  method call dropped, layer numbers merged (`block_*`), at most
-  `depth` components kept.
+  (`jvp(layer_0)` -> `layer_0`), repeats, the primitive, loop and checkpoint plumbing
+  (`while/body/closed_call`) and a module listed before its own method call dropped, layer
+  numbers merged (`block_*`), at most `depth` components kept.
   """
   fused = op_name.find("/(")  # A fused location, `prefix/(a/b:c/d)`: take its first, a/b.
   if fused >= 0:
     op_name = op_name[:fused + 1] + op_name[fused + 2:].removesuffix(")").split(":")[0]
   kept = []
   for p in op_name.split("/")[:-1]:
-    if p == "call_exported":  # A program read from the trace cache (jax.export).
+    if p == "call_exported" or p in _LOOP_PLUMBING:  # Trace-cache programs; loop bodies.
       continue
     while (m := _WRAPPER.match(p)) and m.group(1) not in ("jit", "pjit"):
       p = m.group(2)  # jvp(Model) -> Model; transpose(jvp(layer_0)) -> layer_0.
