@@ -128,3 +128,11 @@ def test_a_run_resumes_with_scan_layers_changed():
   config.model.num_layers += 1  # A key that changes the parameters still counts.
   assert run_lib.run_config_differences(saved.to_dict(), config) == [
       f"model.num_layers: {saved.model.num_layers} -> {config.model.num_layers}"]
+
+
+def test_the_module_refuses_a_required_scan_it_cannot_run():
+  """Built without the config's validation (the API): the same sentence, from the module."""
+  enc = encoder("performer", "true")
+  with pytest.raises(ValueError, match=r"^config.model.scan_layers='true' cannot be used: "
+                     r"performer attention keys"):
+    enc.init(jax.random.key(0), clip())

@@ -388,17 +388,18 @@ class VideoEncoder(nn.Module):
     reason = scan_unsupported(self.attention_type, merging)
     scan = scan_layers_mode(self.scan_layers)
     if scan is True and reason:
-      raise ValueError(f"config.model.scan_layers=True cannot be used: {reason}; set it to "
-                       "'auto' or False.")
-    scanned = scan in (True, "auto") and not reason
-    if scanned and not self.is_initializing():  # Initialisation creates block_i as unrolled.
+      raise ValueError(f"config.model.scan_layers='true' cannot be used: {reason}; set it to "
+                       "'auto' or 'false'.")
+    # Initialisation runs the blocks unrolled: it creates block_0 ... with their own values.
+    scanned = scan in (True, "auto") and not reason and not self.is_initializing()
+    if scanned:
       options = attention_lib.resolve_frame_options(
           self.attention_type, dict(self.attention_options), max((x.shape[1] - n_cls) // t, 1))
       block = EncoderBlock(self.num_heads, self.mlp_dim, self.attention_type,
                            tuple(sorted(options.items())), self.dropout_rate, self.lora,
                            parent=None, name="block_*", **arch, **kw)
       x = scanned_blocks(self, block, x, jnp.ones(x.shape[:2], bool), domain, deterministic)
-    for i in range(0 if scanned and not self.is_initializing() else self.num_layers):
+    for i in range(0 if scanned else self.num_layers):
       if merging and rs[i]:  # The CLS token (last) is never merged.
         grid_x, state = merging_lib.merge_step(x[:, :x.shape[1] - n_cls], state, rs[i], grid3,
                                                **step_kw)
