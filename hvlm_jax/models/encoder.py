@@ -313,8 +313,8 @@ class VideoEncoder(nn.Module):
   remat_policy: str | None = None  # None: no rematerialisation.
   # config.model.scan_layers: run the blocks as one lax.scan over their stacked parameters
   # ("auto": wherever `scan_unsupported` finds no reason against it; True / "true": there,
-  # else an error; False / "false": unrolled). Parameters stay per block (block_0, ...), so checkpoints, init_from
-  # and pretrained imports are the same either way (see `scanned_blocks`).
+  # else an error; False / "false": unrolled). Parameters stay per block (block_0, ...), so
+  # checkpoints, init_from and pretrained imports are the same either way (`scanned_blocks`).
   scan_layers: bool | str = "auto"
   token_merging: MergingSpec | None = None  # None: no merging.
   # Motion input streams added to the RGB tubelets (clip mode): "difference" (frame
