@@ -106,6 +106,17 @@ def scan_unsupported(attention_type: str, merging: bool) -> str | None:
   return None
 
 
+def scan_layers_error(value, attention_type: str, merging: bool) -> str | None:
+  """The sentence refusing config.model.scan_layers=`value` for this encoder, or None."""
+  if scan_layers_mode(value) is None:
+    return f"config.model.scan_layers={value!r} must be 'auto', 'true' or 'false'."
+  reason = scan_unsupported(attention_type, merging)
+  if scan_layers_mode(value) is True and reason:
+    return (f"config.model.scan_layers='true' cannot be used: {reason}; set it to 'auto' or "
+            "'false'.")
+  return None
+
+
 class Mlp(nn.Module):
   """D -> mlp_dim -> GELU -> D; `mlp_in`, `mlp_out` are LoRA targets. `gelu`: "tanh" (the
   tanh approximation, HF `gelu_fast`) or "exact" (erf, HF `gelu`)."""
@@ -385,13 +396,12 @@ class VideoEncoder(nn.Module):
     arch = dict(qkv_bias=self.qkv_bias, layer_norm_epsilon=self.layer_norm_epsilon,
                 gelu=self.gelu)
     key_bias = None
-    reason = scan_unsupported(self.attention_type, merging)
-    scan = scan_layers_mode(self.scan_layers)
-    if scan is True and reason:
-      raise ValueError(f"config.model.scan_layers='true' cannot be used: {reason}; set it to "
-                       "'auto' or 'false'.")
+    error = scan_layers_error(self.scan_layers, self.attention_type, merging)
+    if error:
+      raise ValueError(error)
     # Initialisation runs the blocks unrolled: it creates block_0 ... with their own values.
-    scanned = scan in (True, "auto") and not reason and not self.is_initializing()
+    scanned = (scan_layers_mode(self.scan_layers) in (True, "auto") and not self.is_initializing()
+               and not scan_unsupported(self.attention_type, merging))
     if scanned:
       options = attention_lib.resolve_frame_options(
           self.attention_type, dict(self.attention_options), max((x.shape[1] - n_cls) // t, 1))

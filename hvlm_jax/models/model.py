@@ -46,7 +46,7 @@ from hvlm_jax.models.domain.lora import TARGETS, LoRASpec
 from hvlm_jax.models.encoder import (ARCHITECTURE_KEYS, CHANNEL_ORDERS, GELUS, MOTION_INPUTS,
                                      POOLINGS, POSITION_EMBEDDINGS, STEM_NORMS,
                                      STEMS, VideoEncoder, encoder_architecture,
-                                     scan_layers_mode, scan_unsupported)
+                                     scan_layers_error)
 from hvlm_jax.models.layers import ABSENT_QKV_BIASES, dense
 from hvlm_jax.models.token_merging import MergingSpec
 from hvlm_jax.models.token_merging.merging import unmerge_to_grid
@@ -135,15 +135,10 @@ def check_encoder_config(model_config, video_config) -> None:
   if len(tuple(model_config.tubelet_size)) != 3 or min(model_config.tubelet_size) < 1:
     raise ConfigError(f"config.model.tubelet_size={tuple(model_config.tubelet_size)} must be "
                       "three positive sizes (time, height, width).")
-  scan = scan_layers_mode(model_config.get("scan_layers", "auto"))
-  if scan is None:
-    raise ConfigError(f"config.model.scan_layers={model_config.scan_layers!r} must be 'auto', "
-                      "'true' or 'false'.")
-  reason = scan_unsupported(model_config.attention.type,
+  error = scan_layers_error(model_config.get("scan_layers", "auto"), model_config.attention.type,
                             MergingSpec.from_config(model_config.token_merging) is not None)
-  if scan is True and reason:
-    raise ConfigError(f"config.model.scan_layers='true' cannot be used: {reason}; set it "
-                      "to 'auto' or 'false'.")
+  if error:
+    raise ConfigError(error)
   t, p, q = model_config.tubelet_size
   stem = model_config.get("stem", "patch")
   if stem not in STEMS:
